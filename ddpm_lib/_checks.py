@@ -1,0 +1,82 @@
+"""Argument checks shared by the modules: fail early, name the parameter and the accepted range."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer in [low, high], else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer in {_range(low, high)}, got {value}")
+    return value
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float if it is a finite real in the given interval, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or value != value:
+        interval = f"{'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    check_tensor(name, value)
+    if value.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}"
+        )
+
+
+def check_timesteps(t: object, T: int, batch: int) -> torch.Tensor:
+    """Check that ``t`` is an integer tensor of shape (batch,) with values in [0, T-1]."""
+    t = check_tensor("t", t)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"t must be an integer tensor (torch.long), got dtype {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape (batch,) = ({batch},), got {tuple(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > T - 1):
+        raise ValueError(
+            f"t must hold timesteps in [0, {T - 1}] (T={T}, 0-based), "
+            f"got values in [{int(t.min())}, {int(t.max())}]"
+        )
+    return t.long()
+
+
+def _fmt(x: float | None) -> str:
+    return "inf" if x is None else f"{x:g}"
+
+
+def _range(low: int | None, high: int | None) -> str:
+    return f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"

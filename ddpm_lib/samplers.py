@@ -1,0 +1,268 @@
+"""Sampling: Ho et al.'s Algorithm 2 (ancestral DDPM) and DDIM (Song et al. 2021).
+
+Both samplers walk down an increasing sequence of timesteps tau_0 < ... < tau_{S-1}, stepping
+from t = tau_i to s = tau_{i-1} (s = -1 after the last step: abar_{-1} = 1 means "no noise").
+With all T steps, DDPM's step is exactly Algorithm 2; with fewer it is the respaced sampler of
+Nichol & Dhariwal (the betas recomputed from abar along the sub-sequence).
+
+Explained in chapter 6 (sampling).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddpm_lib._checks import check_choice, check_int, check_real, check_tensor
+from ddpm_lib._random import randn
+from ddpm_lib.diffusion import EpsModel
+from ddpm_lib.schedule import NoiseSchedule
+
+SAMPLERS = ("ddpm", "ddim")
+VARIANCES = ("small", "large")
+
+
+@dataclass
+class Trajectory:
+    """States recorded on the way down, oldest (noisiest) first.
+
+    Attributes:
+        timesteps: the step t of each record.
+        x_t: the state entering step t, shape (K, *shape), on the CPU.
+        x0_pred: the network's estimate of x_0 at step t, shape (K, *shape), on the CPU.
+    """
+
+    timesteps: list[int]
+    x_t: torch.Tensor
+    x0_pred: torch.Tensor
+
+
+def timestep_sequence(T: int, steps: int | Sequence[int] | None) -> list[int]:
+    """The increasing timesteps a sampler visits.
+
+    ``None`` means all T steps; an int S picks S steps evenly spaced over [0, T-1], always including
+    T-1 (so sampling starts from pure noise) and, when S > 1, 0; a sequence is used as given.
+
+    Args:
+        T: number of diffusion steps of the schedule.
+        steps: None, an int in [1, T], or strictly increasing ints in [0, T-1].
+    """
+    if steps is None:
+        return list(range(T))
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+        S = check_int("steps", steps, low=1, high=T)
+        return sorted({int(round(v)) for v in np.linspace(T - 1, 0, S)})
+    if isinstance(steps, (Sequence, np.ndarray, torch.Tensor)):
+        seq = [check_int("steps[i]", s, low=0, high=T - 1) for s in list(steps)]
+        if not seq or any(b <= a for a, b in zip(seq, seq[1:])):
+            raise ValueError(
+                f"steps must be strictly increasing timesteps in [0, {T - 1}], got {seq}"
+            )
+        return seq
+    raise TypeError(f"steps must be None, an int in [1, {T}] or a sequence of timesteps")
+
+
+def _x0_from_eps(x_t, eps, abar_t: float, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted x_0 (optionally clipped to the data range [-1, 1]) and the eps that matches it."""
+    x0 = (x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)  # Ho et al. eq. 4 for x_0
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1.0 - abar_t)
+    return x0, eps
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    abar_t: float,
+    abar_s: float,
+    *,
+    variance: str = "small",
+    clip_x0: bool = True,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step from t to s < t: draw x_s ~ N(posterior mean, sigma^2).
+
+    The mean is q(x_s | x_t, x_0)'s with x_0 replaced by its prediction (Ho et al. eq. 7, written
+    for any pair of steps); sigma^2 is that posterior's variance ("small") or beta ("large").
+
+    Args:
+        x_t: current state, shape (B, ...).
+        eps: predicted noise at step t, shape of ``x_t``.
+        abar_t: alphas_cumprod at t.
+        abar_s: alphas_cumprod at s (1.0 when s = -1, the end).
+        variance: "small" (posterior variance) or "large" (beta).
+        clip_x0: clip the predicted x_0 to [-1, 1] before forming the mean.
+        noise: standard normal z, shape of ``x_t``; required unless s is the end.
+
+    Returns:
+        ``(x_s, x0_pred)``.
+    """
+    x0, _ = _x0_from_eps(x_t, eps, abar_t, clip_x0)
+    alpha = abar_t / abar_s  # the respaced alpha_t; equals alphas[t] when s = t - 1
+    beta = 1.0 - alpha
+    mean = (math.sqrt(abar_s) * beta / (1.0 - abar_t)) * x0 + (
+        math.sqrt(alpha) * (1.0 - abar_s) / (1.0 - abar_t)
+    ) * x_t
+    if abar_s >= 1.0:  # the last step returns the mean: no noise is added to x_0
+        return mean, x0
+    var = beta * (1.0 - abar_s) / (1.0 - abar_t) if variance == "small" else beta
+    return mean + math.sqrt(var) * noise, x0
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    abar_t: float,
+    abar_s: float,
+    *,
+    eta: float = 0.0,
+    clip_x0: bool = True,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step from t to s < t (Song et al. eq. 12).
+
+    x_s = sqrt(abar_s) x0_pred + sqrt(1 - abar_s - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s). eta = 0 is
+    deterministic; eta = 1 is DDPM's small-variance step.
+
+    Args:
+        x_t: current state, shape (B, ...).
+        eps: predicted noise at step t, shape of ``x_t``.
+        abar_t: alphas_cumprod at t.
+        abar_s: alphas_cumprod at s (1.0 when s = -1, the end).
+        eta: amount of fresh noise, >= 0.
+        clip_x0: clip the predicted x_0 to [-1, 1] (eps is then recomputed to match).
+        noise: standard normal z, shape of ``x_t``; required when sigma > 0.
+
+    Returns:
+        ``(x_s, x0_pred)``.
+    """
+    x0, eps = _x0_from_eps(x_t, eps, abar_t, clip_x0)
+    sigma2 = eta**2 * (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
+    x_s = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - sigma2, 0.0)) * eps
+    if sigma2 > 0:
+        x_s = x_s + math.sqrt(sigma2) * noise
+    return x_s, x0
+
+
+def _model_device(model: EpsModel) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    *,
+    sampler: str = "ddpm",
+    steps: int | Sequence[int] | None = None,
+    eta: float = 0.0,
+    variance: str = "small",
+    clip_x0: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    x_T: torch.Tensor | None = None,
+    return_trajectory: bool | int = False,
+    progress: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
+    """Generate data from pure noise: Algorithm 2 (``sampler="ddpm"``) or DDIM.
+
+    Explained in chapter 6.
+
+    Args:
+        model: noise predictor called as ``model(x_t, t)``; put in eval mode while sampling.
+        schedule: the schedule the model was trained with.
+        shape: output shape (B, ...).
+        sampler: "ddpm" (ancestral) or "ddim".
+        steps: None for all T steps, an int in [1, T] of evenly spaced steps, or increasing steps.
+        eta: DDIM only: 0 deterministic, 1 as random as DDPM; >= 0.
+        variance: DDPM only: "small" (posterior variance) or "large" (beta_t).
+        clip_x0: clip each predicted x_0 to the data range [-1, 1].
+        generator: random generator for x_T and the step noises (reproducible runs).
+        device: where to sample; defaults to the model's device.
+        x_T: the starting noise, shape ``shape``; drawn from N(0, I) when omitted.
+        return_trajectory: False; True to record every step; an int K to record K evenly spaced
+            steps (the first and last included) without holding all T states in memory.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The samples x_0, shape ``shape``; with ``return_trajectory``, also a ``Trajectory``.
+    """
+    # Check everything before any work.
+    sampler = check_choice("sampler", sampler, SAMPLERS)
+    variance = check_choice("variance", variance, VARIANCES)
+    eta = check_real("eta", eta, low=0)
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError("eta applies to sampler='ddim' only; DDPM's noise is set by `variance`")
+    shape = tuple(shape)
+    if not shape or any(
+        not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1 for d in shape
+    ):
+        raise ValueError(f"shape must be a non-empty tuple of positive ints (B, ...), got {shape}")
+    timesteps = timestep_sequence(schedule.T, steps)
+    n_records = _record_count(return_trajectory, len(timesteps))
+    device = torch.device(device) if device is not None else _model_device(model)
+    if x_T is not None:
+        check_tensor("x_T", x_T)
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+
+    # Coefficients in float64 on the CPU: abar near 1 loses digits in float32.
+    abar = torch.cumprod(1.0 - schedule.betas.detach().cpu().double(), dim=0).tolist()
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        x = (
+            x_T.to(device).float()
+            if x_T is not None
+            else randn(shape, generator=generator, device=device)
+        )
+        record_at = set(np.linspace(0, len(timesteps) - 1, n_records).round().astype(int).tolist())
+        recorded: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        loop = list(enumerate(reversed(timesteps)))
+        for i, t in tqdm(loop, desc=f"{sampler} sampling", disable=not progress, leave=False):
+            s = timesteps[len(timesteps) - 2 - i] if i < len(timesteps) - 1 else -1
+            abar_t, abar_s = abar[t], (abar[s] if s >= 0 else 1.0)
+            eps = model(x, torch.full((shape[0],), t, dtype=torch.long, device=device)).float()
+            needs_noise = s >= 0 and (sampler == "ddpm" or eta > 0)
+            z = randn(shape, generator=generator, device=device) if needs_noise else None
+            if sampler == "ddpm":
+                x_next, x0 = ddpm_step(
+                    x, eps, abar_t, abar_s, variance=variance, clip_x0=clip_x0, noise=z
+                )
+            else:
+                x_next, x0 = ddim_step(x, eps, abar_t, abar_s, eta=eta, clip_x0=clip_x0, noise=z)
+            if i in record_at:
+                recorded.append((t, x.cpu(), x0.cpu()))
+            x = x_next
+    finally:
+        if was_training:
+            model.train()
+
+    if not n_records:
+        return x
+    trajectory = Trajectory(
+        timesteps=[r[0] for r in recorded],
+        x_t=torch.stack([r[1] for r in recorded]),  # K x (B, ...) -> (K, B, ...)
+        x0_pred=torch.stack([r[2] for r in recorded]),  # K x (B, ...) -> (K, B, ...)
+    )
+    return x, trajectory
+
+
+def _record_count(return_trajectory: bool | int, n_steps: int) -> int:
+    if isinstance(return_trajectory, bool):
+        return n_steps if return_trajectory else 0
+    k = check_int("return_trajectory", return_trajectory, low=1)
+    return min(k, n_steps)
