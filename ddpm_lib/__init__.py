@@ -3,7 +3,17 @@
 The book that explains every function chapter by chapter lives in ``book/``.
 """
 
-from ddpm_lib.diffusion import (
+__version__ = "0.1.0"  # first, so that submodules can import it
+
+from ddpm_lib.checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from ddpm_lib.classifier import judge_digits, load_digits_classifier  # noqa: E402
+from ddpm_lib.data import dataset_info, load_dataset  # noqa: E402
+from ddpm_lib.diffusion import (  # noqa: E402
     diffusion_loss,
     predict_eps,
     predict_x0,
@@ -11,26 +21,49 @@ from ddpm_lib.diffusion import (
     q_sample,
     q_sample_iterative,
 )
-from ddpm_lib.mixture import GaussianMixture
-from ddpm_lib.samplers import Trajectory, ddim_step, ddpm_step, sample, timestep_sequence
-from ddpm_lib.schedule import NoiseSchedule, extract
-
-__version__ = "0.1.0"
+from ddpm_lib.ema import EMA  # noqa: E402
+from ddpm_lib.mixture import GaussianMixture  # noqa: E402
+from ddpm_lib.models import MLP, UNet, build_model, count_parameters  # noqa: E402
+from ddpm_lib.samplers import (  # noqa: E402
+    Trajectory,
+    ddim_step,
+    ddpm_step,
+    sample,
+    timestep_sequence,
+)
+from ddpm_lib.schedule import NoiseSchedule, extract  # noqa: E402
+from ddpm_lib.training import TrainConfig, Trainer, default_config  # noqa: E402
 
 __all__ = [
+    "EMA",
+    "MLP",
+    "CheckpointError",
     "GaussianMixture",
     "NoiseSchedule",
+    "TrainConfig",
+    "Trainer",
     "Trajectory",
+    "UNet",
     "__version__",
+    "build_model",
+    "count_parameters",
+    "dataset_info",
     "ddim_step",
     "ddpm_step",
+    "default_config",
     "diffusion_loss",
     "extract",
+    "judge_digits",
+    "load_checkpoint",
+    "load_dataset",
+    "load_digits_classifier",
+    "model_from_checkpoint",
     "predict_eps",
     "predict_x0",
     "q_posterior",
     "q_sample",
     "q_sample_iterative",
     "sample",
+    "save_checkpoint",
     "timestep_sequence",
 ]

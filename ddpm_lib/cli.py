@@ -1,24 +1,244 @@
-"""The ``ddpm`` command line."""
+"""The ``ddpm`` command line: ``ddpm train``, ``ddpm sample``, ``ddpm info``.
+
+Every ``TrainConfig`` field is an option of ``ddpm train`` (``--batch-size 64``); options not given
+keep the data set's defaults. Mistakes end with one line on stderr and a non-zero exit, never a
+traceback. Explained in chapter 8 (scaling up).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 from ddpm_lib import __version__
 
+# One line of help per TrainConfig field: `ddpm train --help` documents every option.
+TRAIN_HELP = {
+    "data": "data set: moons, swiss_roll, ring, digits, mnist, fashion_mnist, cifar10, folder",
+    "data_root": "folder of the torchvision data sets, or the image folder for --data folder",
+    "download": "let torchvision download a missing data set (never done otherwise)",
+    "image_size": "resize images to this many pixels a side",
+    "n_data": "use only this many training examples (or toy points)",
+    "model": "network: auto (U-Net for images, MLP for 2-D), unet or mlp",
+    "model_config": "JSON of network arguments, e.g. '{\"base_channels\": 64}'",
+    "schedule": "noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
+    "T": "number of diffusion steps",
+    "steps": "optimisation steps to train for (in total, counting resumed ones)",
+    "batch_size": "images per optimisation step (over all processes)",
+    "lr": "peak learning rate of AdamW",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the gradient norm to this value (0: no clipping)",
+    "ema_decay": "decay of the exponential moving average of the weights, in [0, 1)",
+    "device": "auto (cuda, then mps, then cpu), cpu, cuda or mps",
+    "amp": "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off",
+    "channels_last": "channels-last memory format: auto (on for CUDA), on or off",
+    "compile": "compile the network with torch.compile",
+    "num_workers": "data-loader worker processes (image folders and torchvision sets)",
+    "seed": "random seed of the data order, the noise and the initial weights",
+    "out": "run folder: config.json, metrics.jsonl, checkpoints, samples/",
+    "log_every": "write a metrics line every this many steps",
+    "sample_every": "save a grid of EMA samples every this many steps (0: only at the end)",
+    "sample_n": "number of samples in each grid",
+    "sample_steps": "DDIM steps for the sample grids",
+    "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
+    "keep_checkpoints": "how many of the newest checkpoints to keep",
+    "max_minutes": "stop (and checkpoint) after this many minutes (0: no limit)",
+}
+OPTIONAL_TYPES = {"data_root": str, "image_size": int, "n_data": int}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from ddpm_lib.training import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "model_config":
+            parser.add_argument(flag, type=_json_dict, metavar="JSON", **kwargs)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            kind = OPTIONAL_TYPES.get(f.name, type(default))
+            parser.add_argument(flag, type=kind, metavar=kind.__name__.upper(), **kwargs)
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"base_channels\": 64}'")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ddpm",
         description="Train and sample Denoising Diffusion Probabilistic Models (ddpm_lib).",
     )
     parser.add_argument("--version", action="version", version=f"ddpm_lib {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model",
+        description="Train a noise predictor with Ho et al.'s Algorithm 1. Options not given "
+        "take the defaults of the chosen data set. Multi-GPU: torchrun --nproc_per_node=N "
+        "-m ddpm_lib train ...",
+    )
+    _add_train_options(train)
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the newest valid checkpoint in --out"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sample = commands.add_parser(
+        "sample", help="sample a trained model", description="Generate samples from a checkpoint."
+    )
+    sample.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--sampler", default="ddim", help="ddim (default) or ddpm")
+    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise, >= 0 (default 0)")
+    sample.add_argument("--variance", default="small", help="DDPM variance: small or large")
+    sample.add_argument("--no-clip", action="store_true", help="do not clip predicted x0")
+    sample.add_argument("--no-ema", action="store_true", help="use raw instead of EMA weights")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    sample.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass")
+    sample.add_argument("--out", default="samples.png", help="image grid or scatter plot (.png)")
+    sample.add_argument("--save-tensor", default=None, help="also save the samples as a .pt file")
+    sample.add_argument(
+        "--judge", action="store_true", help="digits only: report the digits classifier's verdict"
+    )
+
+    info = commands.add_parser("info", help="describe a checkpoint")
+    info.add_argument("checkpoint", help="a ckpt_*.pt file")
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ddpm_lib.training import Trainer, default_config
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
+    config = default_config(options.pop("data", "digits"), **options)
+    summary = Trainer(config, resume=args.resume, progress=not args.quiet).train()
+    print(json.dumps(summary))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from ddpm_lib._checks import check_int
+    from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
+    from ddpm_lib.samplers import sample
+    from ddpm_lib.training import pick_device, save_sample_figure
+
+    check_int("n", args.n, low=1)
+    check_int("batch_size", args.batch_size, low=1)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"out must be a file name, but {out} is a folder")
+    state = load_checkpoint(args.checkpoint)
+    model, schedule = model_from_checkpoint(state, use_ema=not args.no_ema, path=args.checkpoint)
+    device = pick_device(args.device)
+    model = model.to(device)
+    cfg = model.config
+    item_shape = (
+        (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+        if state["model_name"] == "unet"
+        else (cfg["dim"],)
+    )
+    generator = torch.Generator(device).manual_seed(args.seed)
+    chunks = []
+    for start in range(0, args.n, args.batch_size):
+        n = min(args.batch_size, args.n - start)
+        chunks.append(
+            sample(
+                model,
+                schedule,
+                (n, *item_shape),
+                sampler=args.sampler,
+                steps=args.steps,
+                eta=args.eta,
+                variance=args.variance,
+                clip_x0=not args.no_clip,
+                generator=generator,
+                device=device,
+                progress=sys.stderr.isatty(),
+            ).cpu()
+        )
+    x = torch.cat(chunks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_sample_figure(x, out)
+    print(f"wrote {len(x)} samples to {out}")
+    if args.save_tensor:
+        torch.save(x, args.save_tensor)
+        print(f"wrote the tensor to {args.save_tensor}")
+    if args.judge:
+        from ddpm_lib.classifier import format_judgement, judge_digits, load_digits_classifier
+
+        if item_shape != (1, 8, 8):
+            raise ValueError("judge applies to 8x8 digits samples only")
+        print(format_judgement(judge_digits(x, load_digits_classifier())))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
+    from ddpm_lib.models import count_parameters
+
+    state = load_checkpoint(args.checkpoint)
+    model, schedule = model_from_checkpoint(state, path=args.checkpoint)
+    path = Path(args.checkpoint)
+    size_mb = path.stat().st_size / 1e6
+    lines = [
+        f"checkpoint   {path} ({size_mb:.1f} MB, ddpm_lib {state.get('version')})",
+        f"step         {state['step']}",
+        f"data         {state['config'].get('data')}",
+        f"network      {state['model_name']}, {count_parameters(model):,} parameters",
+        f"model config {json.dumps(state['model_config'])}",
+        f"schedule     {schedule!r}",
+    ]
+    metrics = path.parent / "metrics.jsonl"
+    if metrics.is_file():
+        last = [line for line in metrics.read_text().splitlines() if line.strip()][-1:]
+        if last:
+            lines.append(f"last metrics {last[0]}")
+    lines.append(f"config       {json.dumps(state['config'])}")
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
-    parser.print_help()
-    return 0
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from ddpm_lib.checkpoint import CheckpointError
+    from ddpm_lib.training import NonFiniteLossError
+
+    run = {"train": _train, "sample": _sample, "info": _info}[args.command]
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError, CheckpointError, NonFiniteLossError) as e:
+        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ddpm {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,147 @@
+"""Checkpoints: written atomically, loaded safely, never run code from the file."""
+
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from ddpm_lib.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    model_from_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from ddpm_lib.training import Trainer, default_config
+
+
+@pytest.fixture(scope="module")
+def good_state(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    trainer = Trainer(
+        default_config("moons", steps=2, out=str(out), sample_n=2, sample_steps=2),
+        progress=False,
+        log=None,
+    )
+    trainer.train()
+    return trainer.state_dict()
+
+
+def test_roundtrip_rebuilds_the_same_network(tmp_path, good_state):
+    path = save_checkpoint(good_state, tmp_path / "ckpt_00000002.pt")
+    state = load_checkpoint(path)
+    model, schedule = model_from_checkpoint(state)
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, good_state["ema"]["shadow"][name])
+    assert schedule.T == 1000 and not model.training
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, good_state, monkeypatch):
+    path = save_checkpoint(good_state, tmp_path / "ckpt.pt")
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"step": 99}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def _corruptions(good_bytes: bytes):
+    return {
+        "truncated": good_bytes[: len(good_bytes) // 2],
+        "flipped bytes": bytes(b ^ 0xFF if 200 < i < 400 else b for i, b in enumerate(good_bytes)),
+        "empty": b"",
+        "not a checkpoint": b"hello world\n" * 10,
+    }
+
+
+@pytest.mark.parametrize("kind", ["truncated", "flipped bytes", "empty", "not a checkpoint"])
+def test_corrupt_files_give_a_one_line_error_naming_the_file(tmp_path, good_state, kind):
+    good = save_checkpoint(good_state, tmp_path / "good.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(_corruptions(good)[kind])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message
+
+
+def test_missing_keys_and_foreign_dicts_are_refused(tmp_path, good_state):
+    partial = {k: v for k, v in good_state.items() if k != "ema"}
+    save_checkpoint(partial, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"missing \['ema'\]"):
+        load_checkpoint(tmp_path / "partial.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a ddpm_lib checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_a_checkpoint_of_another_shape_is_refused(tmp_path, good_state):
+    other = dict(good_state, model_config={**good_state["model_config"], "hidden": 64})
+    save_checkpoint(other, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not describe a usable network"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "other.pt"), path="other.pt")
+
+
+class _Payload:
+    """A pickle that would run a shell command when unpickled by an unsafe loader."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_malicious_pickle_never_runs(tmp_path, good_state):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save(dict(good_state, config=_Payload(marker)), evil, pickle_protocol=2)
+    with pytest.raises(CheckpointError, match="refused to load") as info:
+        load_checkpoint(evil)
+    assert str(evil) in str(info.value)
+    assert not marker.exists()
+    # A raw pickle (not torch's zip format) is refused too.
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_latest_valid_skips_newer_broken_files_with_a_warning(tmp_path, good_state):
+    for step in (2, 4):
+        save_checkpoint(dict(good_state, step=step), checkpoint_path(tmp_path, step))
+    checkpoint_path(tmp_path, 6).write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="ckpt_00000006.pt"):
+        path, state = latest_valid_checkpoint(tmp_path)
+    assert path.name == "ckpt_00000004.pt" and state["step"] == 4
+
+
+def test_unreadable_checkpoints_never_mean_a_silent_fresh_start(tmp_path):
+    checkpoint_path(tmp_path, 2).write_bytes(b"garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError, match="none loads"):
+            latest_valid_checkpoint(tmp_path)
+    assert latest_valid_checkpoint(tmp_path / "empty") is None
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for step in (1, 2, 3, 10):
+        checkpoint_path(tmp_path, step).write_bytes(b"x")
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000003.pt", "ckpt_00000010.pt"]

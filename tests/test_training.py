@@ -1,0 +1,262 @@
+"""The trainer: it learns, it resumes exactly, its GPU paths run, and it refuses bad settings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lib import GaussianMixture, sample
+from ddpm_lib.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from ddpm_lib.training import (
+    BatchOrder,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    default_config,
+)
+
+
+def quiet_trainer(config, **kwargs):
+    return Trainer(config, progress=False, log=None, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_2d_run_covers_every_mode_of_a_ring(tmp_path):
+    # The data: 8 equal modes on a circle (std 0.05). Chance would put 12.5 % of samples on each.
+    config = default_config("ring", out=str(tmp_path), checkpoint_every=0)  # 3000 steps of 1024
+    summary = quiet_trainer(config).train()
+    assert summary["seconds"] < 120
+    state = load_checkpoint(summary["checkpoint"])
+    model, schedule = model_from_checkpoint(state)
+    n = 4000
+    x = sample(
+        model,
+        schedule,
+        (n, 2),
+        sampler="ddim",
+        steps=100,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    ring = GaussianMixture.ring()
+    distance = torch.cdist(x.double(), ring.means).min(dim=1)
+    nearest = distance.indices
+    shares = torch.bincount(nearest, minlength=8).double() / n
+    # Every mode holds between 8 % and 17 % of samples (a share of 12.5 % has sd 0.5 % here).
+    assert torch.all((shares > 0.08) & (shares < 0.17)), shares
+    # and most samples sit on a mode: within 3 standard deviations of its centre (98.9 % of the
+    # data do; 93 % of samples did when this test was written).
+    assert (distance.values < 0.15).double().mean() > 0.85
+
+
+def test_batch_order_is_a_function_of_the_step():
+    order = BatchOrder(n=100, batch_size=32, seed=3)
+    first = [order.indices(s) for s in range(9)]
+    again = BatchOrder(n=100, batch_size=32, seed=3)
+    assert all(torch.equal(again.indices(s), first[s]) for s in reversed(range(9)))
+    epoch0 = torch.cat(first[:3])
+    assert len(set(epoch0.tolist())) == 96  # 3 full batches per epoch, no repeats
+    # Two processes split each global batch without overlap.
+    ranks = [BatchOrder(100, 32, 3, rank=r, world_size=2).indices(4) for r in (0, 1)]
+    assert sorted(torch.cat(ranks).tolist()) == sorted(first[4].tolist())
+
+
+def test_resuming_gives_bit_identical_weights(tmp_path):
+    base = dict(
+        steps=12, batch_size=16, checkpoint_every=6, log_every=3, sample_n=4, sample_steps=2
+    )
+    straight = quiet_trainer(default_config("digits", out=str(tmp_path / "a"), **base))
+    straight.train()
+    first_half = quiet_trainer(default_config("digits", out=str(tmp_path / "b"), **base))
+    first_half.config.steps = 6
+    first_half.train()
+    resumed = quiet_trainer(default_config("digits", out=str(tmp_path / "b"), **base), resume=True)
+    assert resumed.step == 6
+    resumed.train()
+    for a, b in [(straight.model, resumed.model), (straight.ema.shadow, resumed.ema.shadow)]:
+        for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), name
+    opt_a, opt_b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for k in opt_a["state"]:
+        for key, value in opt_a["state"][k].items():
+            assert torch.equal(value, opt_b["state"][k][key])
+
+
+def test_run_folder_holds_config_log_checkpoints_and_samples(tmp_path):
+    config = default_config(
+        "digits",
+        steps=8,
+        batch_size=8,
+        log_every=2,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        sample_every=4,
+        sample_n=4,
+        sample_steps=2,
+        out=str(tmp_path),
+    )
+    quiet_trainer(config).train()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["steps"] == 8 and saved["data"] == "digits"
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6, 8]
+    assert all(r["images_per_sec"] > 0 and r["loss"] > 0 for r in lines)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000006.pt", "ckpt_00000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "step_00000004.png",
+        "step_00000008.png",
+    ]
+    state = torch.load(tmp_path / "ckpt_00000008.pt", weights_only=True)
+    assert {"model", "ema", "optimizer", "lr_scheduler", "scaler", "rng", "config"} <= set(state)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(amp="bf16"),
+        dict(amp="fp16"),
+        dict(channels_last="on"),
+        dict(amp="bf16", channels_last="on"),
+    ],
+    ids=["bf16", "fp16+scaler", "channels_last", "bf16+channels_last"],
+)
+def test_gpu_paths_run_on_cpu_when_forced(tmp_path, overrides):
+    config = default_config(
+        "digits", steps=3, batch_size=8, out=str(tmp_path), sample_n=2, sample_steps=2, **overrides
+    )
+    trainer = quiet_trainer(config)
+    if overrides.get("amp") == "fp16":
+        assert trainer.scaler.is_enabled()
+    trainer.train()
+    assert trainer.step == 3
+    for p in trainer.model.parameters():
+        assert torch.isfinite(p).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_path_trains(tmp_path):
+    config = default_config(
+        "moons", steps=3, batch_size=16, out=str(tmp_path), compile=True, sample_n=4, sample_steps=2
+    )
+    trainer = quiet_trainer(config)
+    trainer.train()
+    assert trainer.step == 3
+
+
+def test_nan_loss_stops_training_and_writes_no_checkpoint(tmp_path):
+    config = default_config("moons", steps=50, batch_size=16, out=str(tmp_path), checkpoint_every=1)
+    trainer = quiet_trainer(config)
+    trainer.train_step(next(trainer._batches()))  # one good step
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))  # corrupt the network
+    with pytest.raises(NonFiniteLossError, match=r"step 1: the loss is nan.*lr="):
+        trainer.train()
+    assert list_checkpoints(tmp_path) == []
+
+
+def test_a_checkpoint_of_another_network_is_refused_on_resume(tmp_path):
+    quiet_trainer(
+        default_config("moons", steps=2, out=str(tmp_path), sample_n=2, sample_steps=2)
+    ).train()
+    other = default_config("moons", steps=4, out=str(tmp_path), model_config={"hidden": 64})
+    with pytest.raises(CheckpointError, match="differs"):
+        quiet_trainer(other, resume=True)
+
+
+# Bad configuration: (option overrides, error type, the option the message must name)
+BAD_CONFIGS = [
+    (dict(steps=0), ValueError, "steps"),
+    (dict(steps=-3), ValueError, "steps"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(lr=0.0), ValueError, "lr"),
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(ema_decay=1.0), ValueError, "ema_decay"),
+    (dict(ema_decay=-0.1), ValueError, "ema_decay"),
+    (dict(data="imagenet"), ValueError, "data"),
+    (dict(amp="fp8"), ValueError, "amp"),
+    (dict(device="tpu"), ValueError, "device"),
+    (dict(schedule="sigmoid"), ValueError, "schedule"),
+    (dict(T=0), ValueError, "T"),
+    (dict(sample_steps=5000), ValueError, "sample_steps"),
+    (dict(keep_checkpoints=0), ValueError, "keep_checkpoints"),
+    (dict(grad_clip=-1.0), ValueError, "grad_clip"),
+    (dict(image_size=9), ValueError, "image_size"),
+    (dict(steps=2.5), TypeError, "steps"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides,error,name",
+    BAD_CONFIGS,
+    ids=[f"{next(iter(c[0]))}={next(iter(c[0].values()))}" for c in BAD_CONFIGS],
+)
+def test_bad_configuration_fails_before_training(tmp_path, overrides, error, name):
+    values = dict(steps=5, out=str(tmp_path / "run"))
+    values.update(overrides)
+    with pytest.raises(error, match=rf"^{name}\b"):
+        quiet_trainer(default_config(values.pop("data", "digits"), **values))
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_folder_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"^out\b"):
+        quiet_trainer(default_config("moons", out=str(tmp_path / "taken")))
+
+
+def test_unknown_config_option_is_refused():
+    with pytest.raises(ValueError, match="unknown config options"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            "-m",
+            "ddpm_lib",
+            "train",
+            "--data",
+            "moons",
+            "--steps",
+            "6",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--checkpoint-every",
+            "3",
+            "--sample-n",
+            "8",
+            "--sample-steps",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(out / "ckpt_00000006.pt")
+    assert state["world_size"] == 2 and state["step"] == 6
+    model, schedule = model_from_checkpoint(state)
+    x = sample(model, schedule, (16, 2), steps=5, progress=False)
+    assert x.shape == (16, 2) and torch.isfinite(x).all()
