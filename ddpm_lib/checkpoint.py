@@ -58,8 +58,13 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+            raise OSError(
+                e.errno, f"writing {path} failed ({reason}); the previous file is untouched"
+            ) from e
         raise
     _fsync_folder(path.parent)
     return path
@@ -121,6 +126,15 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
         (int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
     ]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete half-written ``.ckpt_*.tmp`` files that a killed process left behind."""
+    folder = Path(folder)
+    stale = list(folder.glob(".ckpt_*.pt.*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:

@@ -34,6 +34,7 @@ from ddpm_lib.checkpoint import (
     checkpoint_path,
     latest_valid_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from ddpm_lib.data import DATASETS, dataset_info, load_dataset
@@ -481,6 +482,9 @@ class Trainer:
                 torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     def _resume(self) -> None:
+        if self.is_main:
+            for stale in remove_stale_temporaries(self.out):
+                self.say(f"removed {stale.name}, left by an interrupted checkpoint write")
         found = latest_valid_checkpoint(self.out)
         if found is None:
             self.say(f"no checkpoint in {self.out}: starting from step 0")

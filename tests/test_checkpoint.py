@@ -145,3 +145,72 @@ def test_prune_keeps_the_newest(tmp_path):
         checkpoint_path(tmp_path, step).write_bytes(b"x")
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000003.pt", "ckpt_00000010.pt"]
+
+
+def _bad_files(tmp_path, good_state):
+    """Every kind of broken checkpoint a user may hand to the CLI, and a marker file that the
+    malicious one would create if it ever ran."""
+    good = save_checkpoint(good_state, tmp_path / "good.pt").read_bytes()
+    marker = tmp_path / "pwned"
+    files = {}
+    for kind, data in _corruptions(good).items():
+        files[kind] = tmp_path / f"{kind.replace(' ', '_')}.pt"
+        files[kind].write_bytes(data)
+    files["missing keys"] = save_checkpoint(
+        {k: v for k, v in good_state.items() if k != "model_config"}, tmp_path / "partial.pt"
+    )
+    files["other shape"] = save_checkpoint(
+        dict(good_state, model_config={**good_state["model_config"], "hidden": 32}),
+        tmp_path / "other.pt",
+    )
+    files["malicious pickle"] = tmp_path / "evil.pt"
+    torch.save(dict(good_state, config=_Payload(marker)), files["malicious pickle"])
+    return files, marker
+
+
+BAD_KINDS = [
+    "truncated", "flipped bytes", "empty", "not a checkpoint", "missing keys", "other shape",
+    "malicious pickle",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["sample", "info"])
+def test_the_cli_refuses_every_broken_checkpoint_in_one_line(tmp_path, good_state, command):
+    import subprocess
+    import sys
+
+    files, marker = _bad_files(tmp_path, good_state)
+    for kind in BAD_KINDS:
+        path = files[kind]
+        args = ["sample", "--checkpoint", path, "--out", tmp_path / "g.png"]
+        args = args if command == "sample" else ["info", path]
+        out = subprocess.run(
+            [sys.executable, "-m", "ddpm_lib", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0, kind
+        assert "Traceback" not in out.stderr, (kind, out.stderr)
+        assert len(lines) == 1 and str(path) in lines[0], (kind, out.stderr)
+        assert not (tmp_path / "g.png").exists()
+    assert not marker.exists()
+
+
+def test_a_full_disk_during_training_is_reported_and_loses_nothing(tmp_path, monkeypatch):
+    config = default_config("moons", steps=4, batch_size=16, checkpoint_every=2, out=str(tmp_path))
+    trainer = Trainer(config, progress=False, log=None)
+    original_save = torch.save
+
+    def full_after_first(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            raise OSError(28, "No space left on device")
+        return original_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_first)
+    with pytest.raises(OSError, match=r"ckpt_00000004.pt failed \(No space left on device\)"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+    assert load_checkpoint(checkpoint_path(tmp_path, 2))["step"] == 2
+    assert not list(tmp_path.glob(".ckpt_*"))

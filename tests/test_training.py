@@ -163,6 +163,23 @@ def test_nan_loss_stops_training_and_writes_no_checkpoint(tmp_path):
     assert list_checkpoints(tmp_path) == []
 
 
+def test_a_nan_gradient_is_caught_at_its_step(tmp_path):
+    config = default_config("moons", steps=50, batch_size=16, out=str(tmp_path))
+    trainer = quiet_trainer(config)
+    batches = trainer._batches()
+    for _ in range(3):
+        trainer.train_step(next(batches))
+    weight = next(trainer.model.parameters())
+    weight.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the gradient norm is nan"):
+        trainer.train_step(next(batches))
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
+        with torch.no_grad():
+            weight.fill_(float("inf"))
+        trainer.save()
+    assert list_checkpoints(tmp_path) == []
+
+
 def test_a_checkpoint_of_another_network_is_refused_on_resume(tmp_path):
     quiet_trainer(
         default_config("moons", steps=2, out=str(tmp_path), sample_n=2, sample_steps=2)
