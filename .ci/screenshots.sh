@@ -1,0 +1,16 @@
+#!/bin/sh
+# Screenshot every page of the built book in headless Chromium (no kernel, no network), to check
+# that figures and animations show. Usage: .ci/screenshots.sh [out_dir]   (after `make book`)
+# Needs Debian's chromium (apt-get install chromium); not part of `make test`.
+set -eu
+cd "$(dirname "$0")/.."
+out="${1:-_build/screenshots}"
+mkdir -p "$out"
+for page in _build/html/book/*.html; do
+    name=$(basename "$page" .html)
+    chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+        --disable-background-networking --disable-component-update --disable-sync \
+        --user-data-dir="$(mktemp -d)" --hide-scrollbars --window-size=1280,2400 \
+        --virtual-time-budget=4000 --screenshot="$out/$name.png" "file://$PWD/$page" 2>/dev/null
+    echo "$out/$name.png"
+done

@@ -1,0 +1,115 @@
+"""One notebook, three budgets: the ``DDPM_PROFILE`` switch of the book's chapters.
+
+``smoke`` is for CI (seconds per chapter), ``cpu`` is the budget that produced the committed outputs
+(a few minutes per chapter on two cores) and ``gpu`` the real runs. Each chapter has one settings
+cell that picks its numbers, e.g. ``P.pick(smoke=50, cpu=3000, gpu=20000)``; models that several
+chapters need are trained once and cached (``P.load_or_train``).
+
+Explained in the book's introduction.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from ddpm_lib import __version__
+from ddpm_lib._checks import check_choice
+from ddpm_lib.checkpoint import CheckpointError, latest_valid_checkpoint, model_from_checkpoint
+from ddpm_lib.schedule import NoiseSchedule
+from ddpm_lib.training import TrainConfig, Trainer, pick_device
+
+PROFILES = ("smoke", "cpu", "gpu")
+T = TypeVar("T")
+
+
+def default_profile() -> str:
+    """``$DDPM_PROFILE`` if set, else ``gpu`` where CUDA is available, else ``cpu``."""
+    name = os.environ.get("DDPM_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    return check_choice("DDPM_PROFILE", name, PROFILES)
+
+
+def cache_root() -> Path:
+    """``$DDPM_CACHE`` if set, else ``~/.cache/ddpm_lib``: where trained chapter models live."""
+    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm_lib").expanduser()
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The budget a chapter runs with.
+
+    Args:
+        name: "smoke", "cpu" or "gpu".
+    """
+
+    name: str
+
+    def __post_init__(self) -> None:
+        check_choice("profile", self.name, PROFILES)
+
+    @property
+    def device(self) -> torch.device:
+        return pick_device("cuda" if self.name == "gpu" and torch.cuda.is_available() else "cpu")
+
+    def pick(self, *, smoke: T, cpu: T, gpu: T) -> T:
+        """The value for this profile: ``P.pick(smoke=50, cpu=3000, gpu=20000)``."""
+        return {"smoke": smoke, "cpu": cpu, "gpu": gpu}[self.name]
+
+    def describe(self) -> str:
+        return f"profile {self.name} | device {self.device} | ddpm_lib {__version__}"
+
+    def run_folder(self, name: str) -> Path:
+        return cache_root() / "runs" / self.name / name
+
+    def load_or_train(
+        self, name: str, config: TrainConfig, *, progress: bool = True, log=print
+    ) -> tuple[torch.nn.Module, NoiseSchedule, dict]:
+        """Train ``config`` once and cache it under ``name``; later calls load the EMA network.
+
+        A cached run is reused only if it was trained with the same config (all but ``out``)
+        and reached ``config.steps``; otherwise it is trained (or resumed) again.
+
+        Args:
+            name: a name for the run, unique within the book (e.g. "digits_unet").
+            config: the training run; its ``out`` is replaced by the cache folder.
+            progress: show the trainer's progress bar.
+            log: where the trainer prints its messages.
+
+        Returns:
+            ``(model, schedule, state)``: the EMA network in eval mode on this profile's device,
+            its schedule, and the checkpoint dict (config, step, ...).
+        """
+        folder = self.run_folder(name)
+        config = TrainConfig.from_dict({**config.to_dict(), "out": str(folder)})
+        wanted = {k: v for k, v in config.to_dict().items() if k != "out"}
+        try:
+            found = latest_valid_checkpoint(folder)
+        except CheckpointError:
+            found = None
+        if found is not None:
+            path, state = found
+            saved = {k: v for k, v in state["config"].items() if k != "out"}
+            if saved == wanted and state["step"] >= config.steps:
+                log(f"loaded the cached run {name!r} (step {state['step']}) from {path}")
+                model, schedule = model_from_checkpoint(state, path=path)
+                return model.to(self.device), schedule.to(self.device), state
+        if (
+            found is not None
+            and {k: v for k, v in found[1]["config"].items() if k != "out"} != wanted
+        ):
+            for old in folder.glob("ckpt_*.pt"):  # another config: start that run afresh
+                old.unlink()
+        trainer = Trainer(config, resume=True, progress=progress, log=log)
+        trainer.train()
+        state = trainer.state_dict()
+        model, schedule = model_from_checkpoint(state, path=folder)
+        return model.to(self.device), schedule.to(self.device), state
+
+
+def profile(name: str | None = None) -> Profile:
+    """The profile named, or ``default_profile()``."""
+    return Profile(name or default_profile())

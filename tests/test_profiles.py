@@ -1,0 +1,41 @@
+"""The book's profile switch and its train-once cache."""
+
+import pytest
+
+from ddpm_lib.profiles import Profile, default_profile, profile
+from ddpm_lib.training import default_config
+
+
+def test_pick_follows_the_profile():
+    assert Profile("smoke").pick(smoke=1, cpu=2, gpu=3) == 1
+    assert Profile("cpu").pick(smoke=1, cpu=2, gpu=3) == 2
+    assert Profile("gpu").pick(smoke=1, cpu=2, gpu=3) == 3
+
+
+def test_the_environment_chooses_the_profile(monkeypatch):
+    monkeypatch.setenv("DDPM_PROFILE", "smoke")
+    assert default_profile() == "smoke" and profile().name == "smoke"
+    monkeypatch.setenv("DDPM_PROFILE", "fast")
+    with pytest.raises(ValueError, match="^DDPM_PROFILE must be one of"):
+        default_profile()
+    with pytest.raises(ValueError, match="^profile must be one of"):
+        Profile("huge")
+    assert "ddpm_lib" in Profile("cpu").describe()
+
+
+def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    P = Profile("smoke")
+    config = default_config("moons", steps=3, batch_size=16, sample_n=2, sample_steps=2)
+    messages = []
+    model, schedule, state = P.load_or_train("toy", config, progress=False, log=messages.append)
+    assert state["step"] == 3 and schedule.T == 1000
+    assert not any("loaded the cached run" in m for m in messages)
+    again, _, state2 = P.load_or_train("toy", config, progress=False, log=messages.append)
+    assert "loaded the cached run 'toy'" in messages[-1]
+    for (name, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert (p == q).all(), name
+    # Another config under the same name trains afresh instead of loading a stale network.
+    other = default_config("moons", steps=4, batch_size=16, sample_n=2, sample_steps=2)
+    _, _, state3 = P.load_or_train("toy", other, progress=False, log=messages.append)
+    assert state3["step"] == 4 and state3["config"]["steps"] == 4
