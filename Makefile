@@ -17,8 +17,23 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Lint, run every chapter in the smoke profile under nbval, build the book with warnings as
+# errors, then the test suite (whose book checks read the fresh HTML).
 test: lint
+	DDPM_PROFILE=smoke $(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax \
+		--nbval-sanitize-with .ci/nbval_sanitize.cfg book/
+	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 	$(BIN)/python -m pytest -q
+
+# Re-execute every chapter in the cpu profile (the budget of the committed outputs) and save it.
+notebooks: $(STAMP)
+	for nb in book/[0-9]*.ipynb; do \
+		echo "== $$nb"; \
+		DDPM_PROFILE=cpu $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $$nb \
+			|| exit 1; \
+	done
+	$(BIN)/python .ci/normalize_notebooks.py book/*.ipynb
 
 book: $(STAMP)
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going

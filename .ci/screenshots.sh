@@ -10,7 +10,7 @@ for page in _build/html/book/*.html; do
     name=$(basename "$page" .html)
     chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
         --disable-background-networking --disable-component-update --disable-sync \
-        --user-data-dir="$(mktemp -d)" --hide-scrollbars --window-size=1280,2400 \
+        --user-data-dir="$(mktemp -d)" --hide-scrollbars --window-size=1280,${SCREENSHOT_HEIGHT:-2400} \
         --virtual-time-budget=4000 --screenshot="$out/$name.png" "file://$PWD/$page" 2>/dev/null
     echo "$out/$name.png"
 done

@@ -507,6 +507,18 @@ class Trainer:
         for x, _ in loader:
             yield x.to(self.device, non_blocking=True)
 
+    def _open_metrics_log(self):
+        """metrics.jsonl for appending, without lines beyond the current step (a killed run's)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
@@ -558,7 +570,7 @@ class Trainer:
         start_step, started = self.step, time.perf_counter()
         window_loss, window_start, window_steps = 0.0, started, 0
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="training")
-        log_file = (self.out / "metrics.jsonl").open("a") if self.is_main else None
+        log_file = self._open_metrics_log() if self.is_main else None
         last_loss = float("nan")
         try:
             for x0 in self._batches():
@@ -637,16 +649,16 @@ def save_sample_figure(x: torch.Tensor, path: Path) -> None:
         nrow = max(1, int(math.sqrt(x.shape[0])))
         save_image((x + 1) / 2, path, nrow=nrow, padding=1)  # [-1, 1] -> [0, 1]
         return
-    import matplotlib
+    # A bare Figure with its own Agg canvas: no pyplot, so a notebook's inline backend is untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    fig = Figure(figsize=(4, 4), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.6)
     ax.set_aspect("equal")
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
 
 
 # RNG states as plain lists, so that checkpoints load with weights_only=True ------------------

@@ -277,3 +277,24 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     model, schedule = model_from_checkpoint(state)
     x = sample(model, schedule, (16, 2), steps=5, progress=False)
     assert x.shape == (16, 2) and torch.isfinite(x).all()
+
+
+def test_a_resumed_log_holds_each_step_once(tmp_path):
+    kw = dict(batch_size=16, log_every=2, checkpoint_every=2, sample_n=2, sample_steps=2)
+    quiet_trainer(default_config("moons", steps=4, out=str(tmp_path), **kw)).train()
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # what a run killed after step 4 left
+        f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n")
+    quiet_trainer(default_config("moons", steps=8, out=str(tmp_path), **kw), resume=True).train()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_saving_a_scatter_leaves_the_plotting_backend_alone(tmp_path):
+    import matplotlib
+
+    from ddpm_lib.training import save_sample_figure
+
+    before = matplotlib.get_backend()
+    save_sample_figure(torch.randn(50, 2), tmp_path / "points.png")
+    assert (tmp_path / "points.png").stat().st_size > 0
+    assert matplotlib.get_backend() == before
