@@ -110,14 +110,8 @@ def animate_images(
 
     def draw(i):
         shown.set_data(image_grid(frames[i], nrow))
-        if titles:
-            ax.set_title(titles[i])
-        return (shown,)
 
-    anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=interval, blit=False)
-    html = anim.to_jshtml(default_mode="once")
-    plt.close(fig)
-    return html
+    return _jshtml(fig, ax, draw, len(frames), titles, interval)
 
 
 def animate_points(
@@ -137,11 +131,19 @@ def animate_points(
 
     def draw(i):
         dots.set_offsets(frames[i].detach().float().cpu().numpy())
+
+    return _jshtml(fig, ax, draw, len(frames), titles, interval)
+
+
+def _jshtml(fig, ax, draw, n_frames: int, titles, interval: int) -> str:
+    """Render ``draw(i)`` for every frame into a self-contained HTML/JS player; close the figure."""
+
+    def frame(i):
+        draw(i)
         if titles:
             ax.set_title(titles[i])
-        return (dots,)
 
-    anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=interval, blit=False)
+    anim = animation.FuncAnimation(fig, frame, frames=n_frames, interval=interval, blit=False)
     html = anim.to_jshtml(default_mode="once")
     plt.close(fig)
     return html

@@ -109,7 +109,7 @@ def reference(tmp_path_factory):
 
 # The kill points: fixed ones at the edges, plus one step drawn at random (seeded) after a
 # checkpoint, so that the test does not only try the moments we thought of.
-RANDOM_STEP = random.Random(2026).choice([5, 6, 7, 9, 10, 11])
+RANDOM_STEP = random.Random(2026).choice([6, 7, 9, 10, 11])  # 5 and 8 are tried anyway
 KILL_POINTS = [  # (how, when, the step the resumed run must start from)
     ("step", 1, 0),  # before any checkpoint: resume starts over from step 0
     ("step", 5, 4),  # just after the checkpoint of step 4

@@ -1,0 +1,24 @@
+"""The book's plotting helpers: grids tile correctly, animations are self-contained HTML."""
+
+import numpy as np
+import torch
+
+from ddpm_lib.plotting import animate_images, animate_points, image_grid
+
+
+def test_image_grid_tiles_images_in_place():
+    images = torch.stack([torch.full((1, 2, 2), v) for v in (-1.0, 0.0, 1.0)])  # (3, 1, 2, 2)
+    grid = image_grid(images, nrow=2, pad=1)
+    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1)
+    assert np.allclose(grid[1:3, 1:3], 0.0)  # -1 -> 0
+    assert np.allclose(grid[1:3, 4:6], 0.5)  # 0 -> 0.5
+    assert np.allclose(grid[4:6, 1:3], 1.0)  # 1 -> 1
+    colour = image_grid(torch.zeros(4, 3, 5, 5))
+    assert colour.shape == (2 * 6 + 1, 2 * 6 + 1, 3)
+
+
+def test_animations_are_one_self_contained_player_each():
+    html = animate_images([torch.rand(4, 1, 8, 8) * 2 - 1 for _ in range(3)], titles=list("abc"))
+    assert html.count('class="animation"') == 1 and "data:image/png;base64" in html
+    html = animate_points([torch.randn(20, 2) for _ in range(3)])
+    assert html.count('class="animation"') == 1
