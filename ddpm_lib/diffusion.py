@@ -42,6 +42,11 @@ def q_sample(
     if noise is None:
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     check_same_shape("noise", noise, "x0", x0)
+    return _noised(schedule, x0, t, noise)
+
+
+def _noised(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+    """q_sample without the checks, for callers that have checked (or drawn) t themselves."""
     # Ho et al. eq. 4
     return (
         extract(schedule.sqrt_alphas_cumprod, t, x0.shape) * x0
@@ -185,11 +190,14 @@ def diffusion_loss(
     x0 = check_tensor("x0", x0)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if t is None:
+    if t is None:  # drawn in range: no need for check_timesteps' device syncs every step
         t = randint(schedule.T, (x0.shape[0],), generator=generator, device=x0.device)
+    else:
+        t = check_timesteps(t, schedule.T, x0.shape[0])
     if noise is None:
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = q_sample(schedule, x0, t, noise)
+    check_same_shape("noise", noise, "x0", x0)
+    x_t = _noised(schedule, x0, t, noise)
     eps_pred = model(x_t, t)
     check_same_shape("model output", eps_pred, "x0", x0)
     per_item = F.mse_loss(eps_pred.float(), noise.float(), reduction="none")

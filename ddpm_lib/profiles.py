@@ -97,12 +97,9 @@ class Profile:
                 log(f"loaded the cached run {name!r} (step {state['step']}) from {path}")
                 model, schedule = model_from_checkpoint(state, path=path)
                 return model.to(self.device), schedule.to(self.device), state
-        if (
-            found is not None
-            and {k: v for k, v in found[1]["config"].items() if k != "out"} != wanted
-        ):
-            for old in folder.glob("ckpt_*.pt"):  # another config: start that run afresh
-                old.unlink()
+            if saved != wanted:  # another config: start that run afresh
+                for old in folder.glob("ckpt_*.pt"):
+                    old.unlink()
         trainer = Trainer(config, resume=True, progress=progress, log=log)
         trainer.train()
         state = trainer.state_dict()

@@ -524,14 +524,15 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
-        """One optimisation step of Algorithm 1; returns the loss (a 0-d tensor)."""
+    def train_step(self, x0: torch.Tensor) -> float:
+        """One optimisation step of Algorithm 1; returns the loss."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             loss = diffusion_loss(self.net, self.schedule, x0, generator=self.noise_generator)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._non_finite_message("loss", loss.item()))
+        value = loss.item()  # the step's one device sync: serves the NaN guard and the log
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self._non_finite_message("loss", value))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -545,7 +546,7 @@ class Trainer:
         self.lr_scheduler.step()
         self.ema.update(self.model)
         self.step += 1
-        return loss.detach()
+        return value
 
     def _non_finite_message(self, what: str, value: float) -> str:
         return (
@@ -574,8 +575,7 @@ class Trainer:
         last_loss = float("nan")
         try:
             for x0 in self._batches():
-                loss = self.train_step(x0)
-                window_loss += loss.item()
+                window_loss += self.train_step(x0)
                 window_steps += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0:
