@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
 MAX_BYTES = 3_000_000
 STRAY = re.compile(r"Traceback|Warning|No CUDA runtime is found|Error:")
+# A cell tagged "shows-errors" prints caught exceptions on purpose (chapter 5's broken loop).
+STRAY_IN_ERROR_DEMO = re.compile(r"Traceback|Warning|No CUDA runtime is found")
 
 
 def toc_chapters() -> list[Path]:
@@ -51,11 +53,13 @@ def test_chapter_is_executed_and_clean(path):
         assert "execution" not in cell.metadata, (
             "metadata not normalised (.ci/normalize_notebooks.py)"
         )
-    for out in outputs(nb):
-        assert out.output_type != "error", out.get("ename")
-        text = out.get("text", "") if out.output_type == "stream" else ""
-        text += str(out.get("data", {}).get("text/plain", ""))
-        assert not STRAY.search(text), text[:300]
+    for cell in code:
+        stray = STRAY_IN_ERROR_DEMO if "shows-errors" in cell.metadata.get("tags", []) else STRAY
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", out.get("ename")
+            text = out.get("text", "") if out.output_type == "stream" else ""
+            text += str(out.get("data", {}).get("text/plain", ""))
+            assert not stray.search(text), text[:300]
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
