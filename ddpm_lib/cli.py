@@ -1,4 +1,4 @@
-"""The ``ddpm`` command line: ``ddpm train``, ``ddpm sample``, ``ddpm info``.
+"""The ``ddpm`` command line: ``ddpm train``, ``ddpm sample``, ``ddpm bpd``, ``ddpm info``.
 
 Every ``TrainConfig`` field is an option of ``ddpm train`` (``--batch-size 64``); options not given
 keep the data set's defaults. Mistakes end with one line on stderr and a non-zero exit, never a
@@ -125,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge", action="store_true", help="digits only: report the digits classifier's verdict"
     )
 
+    bpd = commands.add_parser(
+        "bpd",
+        help="bits per dimension (the variational bound) of a data split",
+        description="Ho et al.'s variational bound on -log p(x_0), in bits per dimension, of the "
+        "data set the checkpoint was trained on: T network calls per example (chapter 7).",
+    )
+    bpd.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file")
+    bpd.add_argument("--split", default="test", help="test (default) or train")
+    bpd.add_argument("--n", type=int, default=None, help="use the first n examples (default all)")
+    bpd.add_argument("--variance", default="small", help="reverse variance: small or large")
+    bpd.add_argument("--no-ema", action="store_true", help="use raw instead of EMA weights")
+    bpd.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
+    bpd.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    bpd.add_argument("--batch-size", type=int, default=500, help="examples per forward pass")
+    bpd.add_argument("--save-terms", default=None, help="save every term (N x T) as a .pt file")
+
     info = commands.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint", help="a ckpt_*.pt file")
     return parser
@@ -198,6 +214,58 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bpd(args: argparse.Namespace) -> int:
+    import torch
+
+    from ddpm_lib._checks import check_choice, check_int
+    from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
+    from ddpm_lib.data import dataset_info, load_dataset
+    from ddpm_lib.metrics import variational_bound
+    from ddpm_lib.training import pick_device
+
+    split = check_choice("split", args.split, ("train", "test"))
+    if args.n is not None:
+        check_int("n", args.n, low=1)
+    check_int("batch_size", args.batch_size, low=1)
+    check_choice("variance", args.variance, ("small", "large"))
+    state = load_checkpoint(args.checkpoint)
+    config = state["config"]
+    levels = dataset_info(config["data"])["levels"]
+    data = load_dataset(
+        config["data"],
+        root=config.get("data_root"),
+        split=split,
+        image_size=config.get("image_size"),
+        n=args.n,
+        generator=torch.Generator().manual_seed(args.seed + 1),  # toy sets: fresh points
+    )
+    x0 = (
+        data.tensors[0]
+        if hasattr(data, "tensors")
+        else torch.stack([data[i][0] for i in range(len(data))])
+    )
+    if levels is not None:  # resized images fall between levels: score their 8-bit rounding
+        x0 = ((x0 + 1) / 2 * (levels - 1)).round() / (levels - 1) * 2 - 1
+    model, schedule = model_from_checkpoint(state, use_ema=not args.no_ema, path=args.checkpoint)
+    device = pick_device(args.device)
+    bound = variational_bound(
+        model.to(device),
+        schedule.to(device),
+        x0.to(device),
+        levels=levels,
+        variance=args.variance,
+        batch_size=args.batch_size,
+        generator=torch.Generator(device).manual_seed(args.seed),
+        progress=sys.stderr.isatty(),
+    )
+    summary = {"split": split, "levels": levels, **bound.summary()}
+    print(json.dumps(summary))
+    if args.save_terms:
+        torch.save({"prior": bound.prior, "terms": bound.terms, "mse": bound.mse}, args.save_terms)
+        print(f"wrote the terms to {args.save_terms}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
     from ddpm_lib.models import count_parameters
@@ -233,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm_lib.checkpoint import CheckpointError
     from ddpm_lib.training import NonFiniteLossError
 
-    run = {"train": _train, "sample": _sample, "info": _info}[args.command]
+    run = {"train": _train, "sample": _sample, "bpd": _bpd, "info": _info}[args.command]
     try:
         return run(args)
     except (ValueError, TypeError, OSError, CheckpointError, NonFiniteLossError) as e:

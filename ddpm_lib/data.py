@@ -328,8 +328,10 @@ def dataset_info(name: str) -> dict:
         name: one of ``DATASETS``.
 
     Returns:
-        ``dict(kind="2d"|"image", channels, image_size, dim, num_classes)``; channels and image_size
-        are None for 2-D sets, dim is None for images. A folder's image_size is the default, 64.
+        ``dict(kind="2d"|"image", channels, image_size, dim, num_classes, levels)``; channels and
+        image_size are None for 2-D sets, dim is None for images. A folder's image_size is the
+        default, 64. ``levels`` is the number of values a pixel takes (17 for the digits, 256 for
+        8-bit images; None for the continuous 2-D sets): the decoder of the likelihood bound.
     """
     name = check_choice("name", name, DATASETS)
     kind, channels, image_size, num_classes = _INFO[name]
@@ -339,6 +341,7 @@ def dataset_info(name: str) -> dict:
         image_size=image_size,
         dim=2 if kind == "2d" else None,
         num_classes=num_classes,
+        levels=None if kind == "2d" else DIGITS_LEVELS if name == "digits" else 256,
     )
 
 

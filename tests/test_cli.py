@@ -1,5 +1,6 @@
 """The ``ddpm`` command end to end, in subprocesses, as a user runs it."""
 
+import json
 import subprocess
 import sys
 
@@ -77,6 +78,22 @@ def test_train_sample_info_on_digits(tmp_path):
     out = ddpm("info", ckpt)
     assert out.returncode == 0 and "step         4" in out.stdout and "unet" in out.stdout
 
+    # ddpm bpd = the library's variational_bound on the same digits with the same seed.
+    out = ddpm("bpd", "--checkpoint", ckpt, "--n", "6", "--batch-size", "4", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    reported = json.loads(out.stdout.splitlines()[-1])
+    from ddpm_lib import load_checkpoint, load_dataset, model_from_checkpoint
+    from ddpm_lib.metrics import variational_bound
+
+    model, schedule = model_from_checkpoint(load_checkpoint(ckpt))
+    x0 = load_dataset("digits", split="test", n=6).tensors[0]
+    expected = variational_bound(
+        model, schedule, x0, levels=17, batch_size=4, generator=torch.Generator().manual_seed(3),
+        progress=False,
+    ).summary()  # fmt: skip
+    assert reported["levels"] == 17 and reported["split"] == "test" and reported["n"] == 6
+    assert abs(reported["bpd"] - expected["bpd"]) < 1e-5, (reported, expected)
+
     out = ddpm(
         "train",
         "--data",
@@ -110,6 +127,9 @@ def test_train_sample_info_on_digits(tmp_path):
         (["sample"], "--checkpoint"),
         (["info", "/no/such/file.pt"], "/no/such/file.pt"),
         (["sample", "--checkpoint", "x.pt", "--n", "0"], "n must"),
+        (["bpd", "--checkpoint", "x.pt", "--split", "val"], "split must"),
+        (["bpd", "--checkpoint", "x.pt", "--variance", "tiny"], "variance must"),
+        (["bpd"], "--checkpoint"),
     ],
 )
 def test_wrong_arguments_exit_non_zero_with_one_line(args, expected):

@@ -242,9 +242,10 @@ def test_dataset_info_for_every_name():
         else:
             assert info["channels"] in (1, 3) and info["image_size"] >= 8
     assert dataset_info("digits") | {} == dict(
-        kind="image", channels=1, image_size=8, dim=None, num_classes=10
+        kind="image", channels=1, image_size=8, dim=None, num_classes=10, levels=17
     )
     assert dataset_info("cifar10")["channels"] == 3
+    assert dataset_info("mnist")["levels"] == 256 and dataset_info("moons")["levels"] is None
 
 
 def test_bad_names_and_arguments_are_rejected():

@@ -1,0 +1,207 @@
+"""Sample quality against the number of sampling steps, in the manner of DDIM's Table 1.
+
+Four samplers share one trained network: DDPM with the small (posterior) and the large (beta)
+variance, respaced to fewer steps as in Nichol & Dhariwal, and DDIM with eta = 0 (deterministic)
+and eta = 1. Each runs at 10, 20, 50, 100 and 1000 steps on two problems:
+
+- the 8x8 digits with the book's cached digits U-Net (``profiles.digits_run``): the Frechet
+  distance to the training digits in the digits classifier's feature space (lower is better),
+  with the real test digits' distance to the same training digits as the floor, and the share of
+  samples the classifier names with confidence >= 0.9;
+- the 8-mode ring with its exact noise predictor (``GaussianMixture.eps_oracle``): the sliced
+  Wasserstein distance to fresh data (the network error is zero, so only the sampler matters),
+  with the data-versus-data distance as the baseline.
+
+    python benchmarks/samplers.py                    # cpu profile model, writes benchmarks/results/
+    python benchmarks/samplers.py --profile smoke    # seconds, for a quick check of the script
+
+Each cell is the mean over ``--seeds`` independent sample sets (the spread over seeds is printed
+too); times are wall-clock per sample on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm_lib import GaussianMixture, judge_digits, load_dataset, load_digits_classifier, sample
+from ddpm_lib.metrics import digits_features, frechet_distance, sliced_wasserstein
+from ddpm_lib.profiles import digits_run, profile
+from ddpm_lib.schedule import NoiseSchedule
+
+SAMPLERS = {
+    "DDPM, small variance": dict(sampler="ddpm", variance="small"),
+    "DDPM, large variance": dict(sampler="ddpm", variance="large"),
+    "DDIM, eta = 0": dict(sampler="ddim", eta=0.0),
+    "DDIM, eta = 1": dict(sampler="ddim", eta=1.0),
+}
+STEPS = (10, 20, 50, 100, 1000)
+REFERENCE = ("DDPM, small variance", 1000)  # the sampler of Ho et al.: the quality to match
+RESULTS = Path(__file__).parent / "results"
+
+
+def sweep(model, schedule, shape, score, seeds: int, label: str) -> dict:
+    """Every sampler at every step count: {sampler: {steps: {"score", "spread", ...}}}."""
+    table = {}
+    for name, options in SAMPLERS.items():
+        table[name] = {}
+        for steps in STEPS:
+            scores, seconds = [], 0.0
+            for seed in range(seeds):
+                generator = torch.Generator().manual_seed(seed)
+                start = time.perf_counter()
+                x = sample(
+                    model,
+                    schedule,
+                    shape,
+                    steps=steps,
+                    generator=generator,
+                    progress=False,
+                    **options,
+                )
+                seconds += time.perf_counter() - start
+                scores.append(score(x.cpu(), seed))
+            table[name][steps] = {
+                "score": statistics.fmean(s["score"] for s in scores),
+                "spread": (max(s["score"] for s in scores) - min(s["score"] for s in scores)) / 2,
+                "ms_per_sample": 1000 * seconds / (seeds * shape[0]),
+                **{k: statistics.fmean(s[k] for s in scores) for k in scores[0] if k != "score"},
+            }
+            print(
+                f"{label:7s} {name:22s} {steps:5d} steps: {table[name][steps]['score']:.4f}",
+                flush=True,
+            )
+    return table
+
+
+def fewest_steps_within(table: dict, sampler: str, tolerance: float = 0.10) -> int | None:
+    """Fewest steps at which ``sampler`` scores within ``tolerance`` of the reference (lower is
+    better), or None."""
+    target = (1 + tolerance) * table[REFERENCE[0]][REFERENCE[1]]["score"]
+    return next((s for s in STEPS if table[sampler][s]["score"] <= target), None)
+
+
+def digits_benchmark(p, n: int, seeds: int) -> dict:
+    model, schedule, state = p.load_or_train(*digits_run(p), progress=True)
+    classifier = load_digits_classifier()
+    train = load_dataset("digits", split="train").tensors[0]
+    test = load_dataset("digits", split="test").tensors[0]
+    train_features = digits_features(train, classifier)
+
+    def score(x, seed):
+        return {
+            "score": frechet_distance(digits_features(x, classifier), train_features),
+            "clear_share": judge_digits(x.clamp(-1, 1), classifier)["confident_share"],
+        }
+
+    floor = frechet_distance(digits_features(test[:n], classifier), train_features)
+    table = sweep(model, schedule, (n, 1, 8, 8), score, seeds, "digits")
+    return dict(
+        table=table,
+        floor=floor,
+        floor_label=f"{min(n, len(test))} real test digits vs the {len(train)} training digits",
+        n=n,
+        model_steps=state["step"],
+        metric="Frechet distance to the training digits (classifier features)",
+    )
+
+
+def mixture_benchmark(n: int, seeds: int) -> dict:
+    schedule = NoiseSchedule.linear()
+    ring = GaussianMixture.ring()
+    oracle = ring.eps_oracle(schedule)
+    references = [
+        ring.sample(n, generator=torch.Generator().manual_seed(1000 + s)) for s in range(seeds)
+    ]
+
+    def score(x, seed):
+        return {
+            "score": sliced_wasserstein(
+                x, references[seed], generator=torch.Generator().manual_seed(seed)
+            )
+        }
+
+    baseline = statistics.fmean(
+        sliced_wasserstein(
+            ring.sample(n, generator=torch.Generator().manual_seed(2000 + s)),
+            references[s],
+            generator=torch.Generator().manual_seed(s),
+        )
+        for s in range(seeds)
+    )
+    table = sweep(oracle, schedule, (n, 2), score, seeds, "ring")
+    return dict(
+        table=table,
+        floor=baseline,
+        floor_label=f"two independent sets of {n} ring points",
+        n=n,
+        metric="sliced Wasserstein distance to fresh ring data (exact oracle)",
+    )
+
+
+def markdown_table(result: dict, title: str) -> str:
+    header = "| Sampler | " + " | ".join(f"{s} steps" for s in STEPS) + " |"
+    lines = [
+        f"**{title}**: {result['metric']}, {result['n']} samples; lower is better.",
+        "",
+        header,
+    ]
+    lines.append("|---" * (len(STEPS) + 1) + "|")
+    for name, row in result["table"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[s]['score']:.3f}" for s in STEPS) + " |")
+    ms = [result["table"]["DDIM, eta = 0"][s]["ms_per_sample"] for s in STEPS]
+    lines.append("| *ms per sample (DDIM)* | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
+    fewest = fewest_steps_within(result["table"], "DDIM, eta = 0")
+    lines += [
+        "",
+        f"Floor: {result['floor']:.3f} ({result['floor_label']}). "
+        f"Fewest DDIM (eta = 0) steps within 10% of 1000-step DDPM: "
+        f"{fewest if fewest is not None else 'none of those tried'}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "gpu"))
+    parser.add_argument("--digits", type=int, default=360, help="digit samples per set")
+    parser.add_argument("--points", type=int, default=4000, help="ring points per set")
+    parser.add_argument("--seeds", type=int, default=2, help="independent sample sets per cell")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = profile(args.profile)
+    start = time.perf_counter()
+    results = {
+        "digits": digits_benchmark(p, args.digits, args.seeds),
+        "ring": mixture_benchmark(args.points, args.seeds),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {p.device}",
+        "profile": p.name,
+        "seeds": args.seeds,
+    }
+    results["seconds"] = time.perf_counter() - start
+    text = "\n\n".join(
+        [
+            markdown_table(results["digits"], "Digits (cached U-Net)"),
+            markdown_table(results["ring"], "8-mode ring (exact noise predictor)"),
+            f"Mean of {args.seeds} sample sets per cell; {results['machine']}; "
+            f"profile {p.name}; {results['seconds'] / 60:.1f} minutes in all.",
+        ]
+    )
+    print("\n" + text)
+    if p.name != "smoke":  # smoke runs are checks of the script, not results
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "samplers.json").write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / "samplers.md").write_text(text + "\n")
+        print(f"written to {RESULTS}/samplers.json and samplers.md")
+
+
+if __name__ == "__main__":
+    main()
