@@ -26,10 +26,12 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 # Re-execute every chapter in the cpu profile (the budget of the committed outputs) and save it.
+# OMP_WAIT_POLICY=PASSIVE: on a shared two-core machine, spinning OpenMP threads slow torch down
+# by ten times or more whenever another process holds a core.
 notebooks: $(STAMP)
 	for nb in book/[0-9]*.ipynb; do \
 		echo "== $$nb"; \
-		DDPM_PROFILE=cpu $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		OMP_WAIT_POLICY=PASSIVE DDPM_PROFILE=cpu $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 			--ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $$nb \
 			|| exit 1; \
 	done

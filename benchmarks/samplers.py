@@ -67,14 +67,14 @@ def sweep(model, schedule, shape, score, seeds: int, label: str) -> dict:
                 )
                 seconds += time.perf_counter() - start
                 scores.append(score(x.cpu(), seed))
-            table[name][steps] = {
+            table[name][str(steps)] = {
                 "score": statistics.fmean(s["score"] for s in scores),
                 "spread": (max(s["score"] for s in scores) - min(s["score"] for s in scores)) / 2,
                 "ms_per_sample": 1000 * seconds / (seeds * shape[0]),
                 **{k: statistics.fmean(s[k] for s in scores) for k in scores[0] if k != "score"},
             }
             print(
-                f"{label:7s} {name:22s} {steps:5d} steps: {table[name][steps]['score']:.4f}",
+                f"{label:7s} {name:22s} {steps:5d} steps: {table[name][str(steps)]['score']:.4f}",
                 flush=True,
             )
     return table
@@ -83,8 +83,8 @@ def sweep(model, schedule, shape, score, seeds: int, label: str) -> dict:
 def fewest_steps_within(table: dict, sampler: str, tolerance: float = 0.10) -> int | None:
     """Fewest steps at which ``sampler`` scores within ``tolerance`` of the reference (lower is
     better), or None."""
-    target = (1 + tolerance) * table[REFERENCE[0]][REFERENCE[1]]["score"]
-    return next((s for s in STEPS if table[sampler][s]["score"] <= target), None)
+    target = (1 + tolerance) * table[REFERENCE[0]][str(REFERENCE[1])]["score"]
+    return next((s for s in STEPS if table[sampler][str(s)]["score"] <= target), None)
 
 
 def digits_benchmark(p, n: int, seeds: int) -> dict:
@@ -146,6 +146,7 @@ def mixture_benchmark(n: int, seeds: int) -> dict:
 
 
 def markdown_table(result: dict, title: str) -> str:
+    digits = 1 if result["floor"] > 1 else 3  # decimals worth printing
     header = "| Sampler | " + " | ".join(f"{s} steps" for s in STEPS) + " |"
     lines = [
         f"**{title}**: {result['metric']}, {result['n']} samples; lower is better.",
@@ -154,13 +155,16 @@ def markdown_table(result: dict, title: str) -> str:
     ]
     lines.append("|---" * (len(STEPS) + 1) + "|")
     for name, row in result["table"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[s]['score']:.3f}" for s in STEPS) + " |")
-    ms = [result["table"]["DDIM, eta = 0"][s]["ms_per_sample"] for s in STEPS]
+        cells = (
+            f"{row[str(s)]['score']:.{digits}f} ± {row[str(s)]['spread']:.{digits}f}" for s in STEPS
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ms = [result["table"]["DDIM, eta = 0"][str(s)]["ms_per_sample"] for s in STEPS]
     lines.append("| *ms per sample (DDIM)* | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
     fewest = fewest_steps_within(result["table"], "DDIM, eta = 0")
     lines += [
         "",
-        f"Floor: {result['floor']:.3f} ({result['floor_label']}). "
+        f"Floor: {result['floor']:.{digits}f} ({result['floor_label']}). "
         f"Fewest DDIM (eta = 0) steps within 10% of 1000-step DDPM: "
         f"{fewest if fewest is not None else 'none of those tried'}.",
     ]
@@ -174,7 +178,14 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=4000, help="ring points per set")
     parser.add_argument("--seeds", type=int, default=2, help="independent sample sets per cell")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite samplers.md from samplers.json"
+    )
     args = parser.parse_args()
+    if args.table_only:
+        results = json.loads((RESULTS / "samplers.json").read_text())
+        write_tables(results)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     p = profile(args.profile)
@@ -187,16 +198,21 @@ def main() -> None:
         "seeds": args.seeds,
     }
     results["seconds"] = time.perf_counter() - start
+    write_tables(results)
+
+
+def write_tables(results: dict) -> None:
+    """Print the two tables and, unless this was a smoke run, write them to RESULTS."""
     text = "\n\n".join(
         [
             markdown_table(results["digits"], "Digits (cached U-Net)"),
             markdown_table(results["ring"], "8-mode ring (exact noise predictor)"),
-            f"Mean of {args.seeds} sample sets per cell; {results['machine']}; "
-            f"profile {p.name}; {results['seconds'] / 60:.1f} minutes in all.",
+            f"Mean of {results['seeds']} sample sets per cell; {results['machine']}; "
+            f"profile {results['profile']}; {results['seconds'] / 60:.1f} minutes in all.",
         ]
     )
     print("\n" + text)
-    if p.name != "smoke":  # smoke runs are checks of the script, not results
+    if results["profile"] != "smoke":  # smoke runs are checks of the script, not results
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "samplers.json").write_text(json.dumps(results, indent=1) + "\n")
         (RESULTS / "samplers.md").write_text(text + "\n")

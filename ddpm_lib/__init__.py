@@ -22,6 +22,12 @@ from ddpm_lib.diffusion import (  # noqa: E402
     q_sample_iterative,
 )
 from ddpm_lib.ema import EMA  # noqa: E402
+from ddpm_lib.metrics import (  # noqa: E402
+    digits_frechet_distance,
+    frechet_distance,
+    sliced_wasserstein,
+    variational_bound,
+)
 from ddpm_lib.mixture import GaussianMixture  # noqa: E402
 from ddpm_lib.models import MLP, UNet, build_model, count_parameters  # noqa: E402
 from ddpm_lib.samplers import (  # noqa: E402
@@ -52,7 +58,9 @@ __all__ = [
     "ddpm_step",
     "default_config",
     "diffusion_loss",
+    "digits_frechet_distance",
     "extract",
+    "frechet_distance",
     "judge_digits",
     "load_checkpoint",
     "load_dataset",
@@ -65,5 +73,7 @@ __all__ = [
     "q_sample_iterative",
     "sample",
     "save_checkpoint",
+    "sliced_wasserstein",
     "timestep_sequence",
+    "variational_bound",
 ]
