@@ -2,8 +2,7 @@
 
 - ``variational_bound``: Ho et al.'s variational bound (eq. 5) on the negative log-likelihood, in
   bits per dimension, term by term: the prior term L_T, the KL terms L_{t-1} and the decoder L_0,
-  with a
-  discretised Gaussian decoder for data on K levels (256 for 8-bit images, 17 for the digits).
+  a discretised Gaussian for data on K levels (256 for 8-bit images, 17 for the digits).
 - ``frechet_distance``: the distance between two Gaussians fitted to two sets of features (FID's
   formula); ``digits_frechet_distance`` uses the digits classifier's features.
 - ``sliced_wasserstein``: a sample distance for low-dimensional data such as the 2-D toy sets.
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_lib._checks import check_choice, check_int, check_tensor
+from ddpm_lib.classifier import load_digits_classifier
 from ddpm_lib.diffusion import predict_x0, q_sample
 from ddpm_lib.schedule import NoiseSchedule, extract
 
@@ -200,16 +200,15 @@ def variational_bound(
             model_log_var = extract(log_var, t, chunk.shape)
             if step == 0:  # L_0 = -log p(x_0 | x_1)
                 if levels is None:
-                    nll = 0.5 * (
+                    term = 0.5 * (
                         math.log(2 * math.pi)
                         + model_log_var
                         + (chunk - model_mean) ** 2 / model_log_var.exp()
                     )
                 else:
-                    nll = -discretized_gaussian_log_likelihood(
+                    term = -discretized_gaussian_log_likelihood(
                         chunk, model_mean, 0.5 * model_log_var, levels
                     )
-                term = nll
             else:  # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
                 true_mean = coef_x0 * chunk + coef_xt * x_t
                 true_log_var = extract(schedule.posterior_log_variance_clipped, t, chunk.shape)
@@ -276,7 +275,7 @@ def digits_features(images: torch.Tensor, classifier=None) -> torch.Tensor:
     images = check_tensor("images", images)
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
         raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
-    classifier = _default_classifier() if classifier is None else classifier
+    classifier = load_digits_classifier() if classifier is None else classifier
     device = next(classifier.parameters()).device
     return classifier.eval().features(images.clamp(-1, 1).to(device)).cpu()
 
@@ -288,16 +287,10 @@ def digits_frechet_distance(
 
     Explained in chapter 7.
     """
-    classifier = _default_classifier() if classifier is None else classifier
+    classifier = load_digits_classifier() if classifier is None else classifier
     return frechet_distance(
         digits_features(images_a, classifier), digits_features(images_b, classifier)
     )
-
-
-def _default_classifier():
-    from ddpm_lib.classifier import load_digits_classifier
-
-    return load_digits_classifier()
 
 
 def sliced_wasserstein(
