@@ -1,0 +1,205 @@
+"""Sample quality after the same CPU time: ddpm_lib against diffusers and lucidrains, on the digits.
+
+Three U-Nets of about the same size (ddpm_lib's digits U-Net, 0.76 M parameters; diffusers'
+UNet2DModel, 0.70 M; lucidrains' Unet, 0.83 M) train on the 1437 training digits for the same
+wall-clock budget on the same machine, one after the other, each with its own library's recipe:
+
+- ddpm_lib: ``Trainer`` with ``default_config("digits")`` (AdamW lr 2e-3, 200 warm-up steps,
+  gradient clipping, EMA 0.999, batch 128);
+- diffusers: the recipe of its ``train_unconditional`` example (DDPMScheduler with the linear
+  schedule, AdamW lr 1e-4 with betas (0.95, 0.999) and weight decay 1e-6, 500 warm-up steps,
+  EMAModel with power 3/4, batch 128);
+- lucidrains: ``GaussianDiffusion(objective="pred_noise", beta_schedule="linear")`` with the
+  defaults of its ``Trainer`` (Adam lr 1e-4, betas (0.9, 0.99), EMA 0.995 every 10 steps,
+  batch 128).
+
+Then one sampler and one scorer judge all three: the EMA network of each draws 360 digits with
+ddpm_lib's 1000-step DDPM (small variance, the same starting noise), scored by the Frechet distance
+to the training digits in the digits classifier's features (floor: the 360 real test digits) and
+the share of clear digits.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/peers_quality.py --minutes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_lib import (
+    NoiseSchedule,
+    Trainer,
+    default_config,
+    judge_digits,
+    load_dataset,
+    load_digits_classifier,
+    model_from_checkpoint,
+    sample,
+)
+from ddpm_lib.metrics import digits_features, frechet_distance
+
+BATCH = 128
+RESULTS = Path(__file__).parent / "results"
+
+
+def batches(images: torch.Tensor, seed: int):
+    """Endless shuffled batches of the training digits."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(images), generator=g).split(BATCH):
+            if len(idx) == BATCH:
+                yield images[idx]
+
+
+def train_ours(images: torch.Tensor, minutes: float):
+    with tempfile.TemporaryDirectory() as out:
+        config = default_config(
+            "digits", steps=10**9, max_minutes=minutes, out=out, sample_every=0,
+            checkpoint_every=0, log_every=10**9,
+        )  # fmt: skip
+        trainer = Trainer(config, progress=False, log=None)
+        summary = trainer.train()
+        model, _ = model_from_checkpoint(trainer.state_dict(), use_ema=True)
+    return model.eval(), summary["steps"], summary["seconds"]
+
+
+class DiffusersEps(torch.nn.Module):
+    """UNet2DModel returns an output object; samplers want the tensor."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t).sample
+
+
+def train_diffusers(images: torch.Tensor, minutes: float):
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    net = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=64,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=500)
+    ema = EMAModel(net.parameters(), inv_gamma=1.0, power=0.75, max_decay=0.9999)
+    steps, start = 0, time.perf_counter()
+    for x0 in batches(images, seed=1):
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (BATCH,))
+        loss = F.mse_loss(net(noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        ema.step(net.parameters())
+        steps += 1
+        if time.perf_counter() - start > 60 * minutes:
+            break
+    seconds = time.perf_counter() - start
+    ema.copy_to(net.parameters())
+    return DiffusersEps(net).eval(), steps, seconds
+
+
+def train_lucidrains(images: torch.Tensor, minutes: float):
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    from ema_pytorch import EMA
+
+    torch.manual_seed(0)
+    net = Unet(dim=32, dim_mults=(1, 2), channels=1)
+    diffusion = GaussianDiffusion(
+        net, image_size=8, timesteps=1000, objective="pred_noise", beta_schedule="linear"
+    )
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    ema = EMA(diffusion, beta=0.995, update_every=10)
+    steps, start = 0, time.perf_counter()
+    for x0 in batches(images, seed=2):
+        loss = diffusion((x0 + 1) / 2)  # it takes images in [0, 1] and normalises them itself
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update()
+        steps += 1
+        if time.perf_counter() - start > 60 * minutes:
+            break
+    seconds = time.perf_counter() - start
+    return copy.deepcopy(ema.ema_model.model).eval(), steps, seconds
+
+
+CONTENDERS = {"ddpm_lib": train_ours, "diffusers": train_diffusers, "lucidrains": train_lucidrains}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per library")
+    parser.add_argument("--n", type=int, default=360, help="samples judged per library")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train = load_dataset("digits", split="train").tensors[0]  # (1437, 1, 8, 8) in [-1, 1]
+    test = load_dataset("digits", split="test").tensors[0]
+    classifier = load_digits_classifier()
+    train_features = digits_features(train, classifier)
+    floor = frechet_distance(digits_features(test[: args.n], classifier), train_features)
+    schedule = NoiseSchedule.linear()
+    rows = {}
+    for name, train_fn in CONTENDERS.items():
+        model, steps, seconds = train_fn(train, args.minutes)
+        start = time.perf_counter()
+        with torch.no_grad():
+            x = sample(
+                model, schedule, (args.n, 1, 8, 8), sampler="ddpm",
+                generator=torch.Generator().manual_seed(0), progress=False,
+            )  # fmt: skip
+        fd = frechet_distance(digits_features(x, classifier), train_features)
+        rows[name] = dict(
+            parameters=sum(p.numel() for p in model.parameters()),  # EMA copies need no grad
+            steps=steps,
+            train_seconds=seconds,
+            sample_seconds=time.perf_counter() - start,
+            frechet=fd,
+            clear_share=judge_digits(x.clamp(-1, 1), classifier)["confident_share"],
+        )
+        print(name, json.dumps(rows[name]), flush=True)
+    lines = [
+        f"| library | parameters | steps in {args.minutes:g} min | Frechet distance "
+        "(floor {:.1f}) | vs ddpm_lib | clear digits |".format(floor),
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        ratio = r["frechet"] / rows["ddpm_lib"]["frechet"]
+        lines.append(
+            f"| {name} | {r['parameters'] / 1e6:.2f} M | {r['steps']:,} | {r['frechet']:.1f} "
+            f"| {ratio:.2f}x | {r['clear_share']:.1%} |"
+        )
+    text = "\n".join(lines) + (
+        f"\n\n{args.n} samples each, 1000-step DDPM from the same noise; "
+        f"{torch.get_num_threads()} torch thread(s); floor: {args.n} real test digits."
+    )
+    print("\n" + text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peers_quality.json").write_text(
+        json.dumps(dict(rows=rows, floor=floor, minutes=args.minutes, n=args.n), indent=1) + "\n"
+    )
+    (RESULTS / "peers_quality.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
