@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from train_throughput import DiffusersAsEps  # benchmarks/ is on the path when run as a script
 
 from ddpm_lib import (
     NoiseSchedule,
@@ -71,17 +72,6 @@ def train_ours(images: torch.Tensor, minutes: float):
     return model.eval(), summary["steps"], summary["seconds"]
 
 
-class DiffusersEps(torch.nn.Module):
-    """UNet2DModel returns an output object; samplers want the tensor."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t).sample
-
-
 def train_diffusers(images: torch.Tensor, minutes: float):
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
@@ -114,7 +104,7 @@ def train_diffusers(images: torch.Tensor, minutes: float):
             break
     seconds = time.perf_counter() - start
     ema.copy_to(net.parameters())
-    return DiffusersEps(net).eval(), steps, seconds
+    return DiffusersAsEps(net).eval(), steps, seconds
 
 
 def train_lucidrains(images: torch.Tensor, minutes: float):
