@@ -20,7 +20,7 @@ from torch import nn
 
 from ddpm_lib._checks import check_int, check_real, check_tensor
 from ddpm_lib.checkpoint import save_checkpoint
-from ddpm_lib.data import load_digits
+from ddpm_lib.data import cache_root, load_digits
 
 CLASSIFIER_FILE = "digits_classifier_v1.pt"  # bump the version when the network or training changes
 NUM_CLASSES = 10
@@ -140,11 +140,6 @@ def classifier_accuracy(classifier: DigitsClassifier, split: str = "test") -> fl
     return (predictions == labels).float().mean().item()
 
 
-def default_cache_dir() -> Path:
-    """``$DDPM_CACHE`` if set, else ``~/.cache/ddpm_lib``."""
-    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm_lib").expanduser()
-
-
 def load_digits_classifier(
     cache_dir: str | os.PathLike | None = None, retrain: bool = False
 ) -> DigitsClassifier:
@@ -154,13 +149,13 @@ def load_digits_classifier(
     ``state_dict`` (written to a temporary file, then renamed, so a crash never leaves half a file).
 
     Args:
-        cache_dir: folder of the cache; defaults to ``default_cache_dir()``.
+        cache_dir: folder of the cache; defaults to ``data.cache_root()``.
         retrain: train again even when a cached copy exists (and overwrite it).
 
     Returns:
         The classifier on the CPU, in eval mode.
     """
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    cache_dir = cache_root() if cache_dir is None else Path(cache_dir).expanduser()
     path = cache_dir / CLASSIFIER_FILE
     if path.exists() and not retrain:
         model = DigitsClassifier()

@@ -53,13 +53,17 @@ class DatasetNotFoundError(FileNotFoundError):
     """A data set's files are not on disk (and downloading was not asked for)."""
 
 
+def cache_root() -> Path:
+    """``$DDPM_CACHE`` if set, else ``~/.cache/ddpm_lib``: where data, the digits classifier and
+    the book's trained runs are kept."""
+    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm_lib").expanduser()
+
+
 def default_data_root() -> Path:
-    """Where downloaded data sets live: ``$DDPM_DATA``, else ``$DDPM_CACHE/data``, else
-    ``~/.cache/ddpm_lib/data``."""
+    """Where downloaded data sets live: ``$DDPM_DATA``, else ``cache_root() / "data"``."""
     if os.environ.get("DDPM_DATA"):
         return Path(os.environ["DDPM_DATA"]).expanduser()
-    cache = os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm_lib"
-    return Path(cache).expanduser() / "data"
+    return cache_root() / "data"
 
 
 # --------------------------------------------------------------------------------------------------

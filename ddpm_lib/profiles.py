@@ -20,6 +20,7 @@ import torch
 from ddpm_lib import __version__
 from ddpm_lib._checks import check_choice
 from ddpm_lib.checkpoint import CheckpointError, latest_valid_checkpoint, model_from_checkpoint
+from ddpm_lib.data import cache_root
 from ddpm_lib.schedule import NoiseSchedule
 from ddpm_lib.training import TrainConfig, Trainer, pick_device
 
@@ -31,11 +32,6 @@ def default_profile() -> str:
     """``$DDPM_PROFILE`` if set, else ``gpu`` where CUDA is available, else ``cpu``."""
     name = os.environ.get("DDPM_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     return check_choice("DDPM_PROFILE", name, PROFILES)
-
-
-def cache_root() -> Path:
-    """``$DDPM_CACHE`` if set, else ``~/.cache/ddpm_lib``: where trained chapter models live."""
-    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm_lib").expanduser()
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,15 @@ _GREY_32_RUN = dict(  # MNIST-class data, resized 28 -> 32 so that three levels 
     model_config=dict(base_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(8,),
                       num_res_blocks=2, dropout=0.1),
 )  # fmt: skip
+_LONG_RUN = dict(lr=2e-4, checkpoint_every=5000, sample_every=5000)  # GPU runs of a day or more
+
+
+def _unet(base_channels: int, channel_mult: tuple[int, ...]) -> dict:
+    """A U-Net for larger images: attention at 16x16, two residual blocks per level, dropout."""
+    return dict(base_channels=base_channels, channel_mult=channel_mult,
+                attention_resolutions=(16,), num_res_blocks=2, dropout=0.1)  # fmt: skip
+
+
 DATASET_DEFAULTS: dict[str, dict] = {
     "digits": dict(steps=6000, batch_size=128, lr=2e-3, ema_decay=0.999, model_config=DIGITS_UNET),
     "moons": _TOY_RUN,
@@ -154,38 +163,14 @@ DATASET_DEFAULTS: dict[str, dict] = {
     "mnist": dict(_GREY_32_RUN, steps=20000),
     "fashion_mnist": dict(_GREY_32_RUN, steps=30000),
     "cifar10": dict(
-        steps=200000,
-        batch_size=128,
-        lr=2e-4,
-        warmup_steps=5000,
-        ema_decay=0.9999,
-        checkpoint_every=5000,
-        sample_every=5000,
-        model_config=dict(
-            base_channels=128,
-            channel_mult=(1, 2, 2, 2),
-            attention_resolutions=(16,),
-            num_res_blocks=2,
-            dropout=0.1,
-        ),
-    ),  # fmt: skip
+        _LONG_RUN, steps=200000, batch_size=128, warmup_steps=5000, ema_decay=0.9999,
+        model_config=_unet(128, (1, 2, 2, 2)),
+    ),
     "folder": dict(
-        steps=50000,
-        batch_size=64,
-        lr=2e-4,
-        warmup_steps=2000,
-        ema_decay=0.9995,
-        checkpoint_every=5000,
-        sample_every=5000,
-        model_config=dict(
-            base_channels=64,
-            channel_mult=(1, 2, 2, 4),
-            attention_resolutions=(16,),
-            num_res_blocks=2,
-            dropout=0.1,
-        ),
-    ),  # fmt: skip
-}
+        _LONG_RUN, steps=50000, batch_size=64, warmup_steps=2000, ema_decay=0.9995,
+        model_config=_unet(64, (1, 2, 2, 4)),
+    ),
+}  # fmt: skip
 
 
 def default_config(data: str = "digits", **overrides) -> TrainConfig:

@@ -18,6 +18,14 @@ def ddpm(*args, timeout=300):
     )
 
 
+def train_tiny_digits(run, steps, *extra):
+    """`ddpm train` on the digits for a few steps of 16, with a tiny sample grid."""
+    return ddpm(
+        "train", "--data", "digits", "--out", run, "--steps", steps, "--batch-size", 16,
+        "--sample-n", 4, "--sample-steps", 2, "--quiet", *extra,
+    )  # fmt: skip
+
+
 def test_help_and_version():
     out = ddpm("--help")
     assert out.returncode == 0 and "usage: ddpm" in out.stdout
@@ -31,22 +39,7 @@ def test_help_and_version():
 
 def test_train_sample_info_on_digits(tmp_path):
     run = tmp_path / "run"
-    out = ddpm(
-        "train",
-        "--data",
-        "digits",
-        "--out",
-        run,
-        "--steps",
-        "4",
-        "--batch-size",
-        "16",
-        "--sample-n",
-        "4",
-        "--sample-steps",
-        "2",
-        "--quiet",
-    )
+    out = train_tiny_digits(run, steps=4)
     assert out.returncode == 0, out.stderr
     ckpt = run / "ckpt_00000004.pt"
     assert ckpt.is_file() and (run / "config.json").is_file()
@@ -94,23 +87,7 @@ def test_train_sample_info_on_digits(tmp_path):
     assert reported["levels"] == 17 and reported["split"] == "test" and reported["n"] == 6
     assert abs(reported["bpd"] - expected["bpd"]) < 1e-5, (reported, expected)
 
-    out = ddpm(
-        "train",
-        "--data",
-        "digits",
-        "--out",
-        run,
-        "--steps",
-        "6",
-        "--batch-size",
-        "16",
-        "--sample-n",
-        "4",
-        "--sample-steps",
-        "2",
-        "--quiet",
-        "--resume",
-    )
+    out = train_tiny_digits(run, 6, "--resume")
     assert out.returncode == 0 and "resuming from" in out.stdout and "at step 4" in out.stdout
 
 
