@@ -515,17 +515,18 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             loss = diffusion_loss(self.net, self.schedule, x0, generator=self.noise_generator)
-        value = loss.item()  # the step's one device sync: serves the NaN guard and the log
-        if not math.isfinite(value):
-            raise NonFiniteLossError(self._non_finite_message("loss", value))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
+        # The step's one device sync: the loss for the log and both NaN guards, before any update.
+        value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self._non_finite_message("loss", value))
+        if not math.isfinite(norm) and not self.scaler.is_enabled():
             # With fp16 an overflow is expected now and then: the scaler skips that step.
-            raise NonFiniteLossError(self._non_finite_message("gradient norm", grad_norm.item()))
+            raise NonFiniteLossError(self._non_finite_message("gradient norm", norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
