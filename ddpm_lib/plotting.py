@@ -1,5 +1,5 @@
-"""Figures and animations for the book: image grids, point clouds, and jshtml animations that play
-in the HTML page without a kernel.
+"""Figures and animations for the book: image grids, point clouds, jshtml animations that play
+in the HTML page without a kernel, and the claims table that closes each chapter.
 
 Explained where used; nothing here does maths.
 """
@@ -7,6 +7,7 @@ Explained where used; nothing here does maths.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -15,16 +16,32 @@ import torch
 from matplotlib import animation
 from matplotlib.axes import Axes
 
+# Figures are drawn at twice the 72 dpi of a CSS pixel: sharp on high-density screens. A figure
+# at most PAGE_WIDTH inches wide shows in the book's column scaled by no less than about 0.6, so the
+# 11 pt text of the style below still reads at 9 pt or more.
+PAGE_DPI = 144
+PAGE_WIDTH = 8.5  # inches
+# One image pixel of a digit grid drawn by `show_images` is 8 device pixels: an 8x8 digit is 64 px.
+IMAGE_PIXEL = 8 / PAGE_DPI  # inches
 
-def setup_style(dpi: int = 80) -> None:
-    """Modest figure sizes and resolution: committed notebooks stay small."""
+
+def setup_style(dpi: int = PAGE_DPI) -> None:
+    """Sharp figures with legible text at the book's column width."""
     plt.rcParams.update(
         {
             "figure.dpi": dpi,
             "savefig.dpi": dpi,
-            "figure.figsize": (6, 3.5),
+            "figure.figsize": (6.4, 3.6),
+            "font.size": 11,
+            "axes.titlesize": 11,
+            "axes.labelsize": 11,
+            "xtick.labelsize": 10,
+            "ytick.labelsize": 10,
+            "legend.fontsize": 10,
+            "lines.linewidth": 1.8,
             "axes.grid": True,
             "grid.alpha": 0.3,
+            "image.interpolation": "nearest",
             "animation.embed_limit": 8.0,  # MB
         }
     )
@@ -56,10 +73,17 @@ def show_images(
     ax: Axes | None = None,
     title: str | None = None,
 ) -> Axes:
-    """Show a grid of images in [-1, 1] (grey for one channel)."""
+    """Show a grid of images in [-1, 1] (grey for one channel).
+
+    Without ``ax`` the figure is sized so that one image pixel is ``IMAGE_PIXEL`` inches (an
+    8x8 digit shows 64 pixels wide), shrunk only where the grid would not fit ``PAGE_WIDTH``.
+    """
+    grid = image_grid(images, nrow)
     if ax is None:
-        _, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(image_grid(images, nrow), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        height, width = grid.shape[:2]
+        inches = min(IMAGE_PIXEL, PAGE_WIDTH / width)
+        _, ax = plt.subplots(figsize=(width * inches, height * inches + (0.35 if title else 0)))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title)
@@ -146,4 +170,54 @@ def _jshtml(fig, ax, draw, n_frames: int, titles, interval: int) -> str:
     anim = animation.FuncAnimation(fig, frame, frames=n_frames, interval=interval, blit=False)
     html = anim.to_jshtml(default_mode="once")
     plt.close(fig)
+    return _offline_controls(html)
+
+
+# matplotlib's player draws its buttons with Font Awesome 4 from a CDN: offline they would be
+# blank. Plain-text symbols instead, so the page needs nothing from the network.
+_BUTTON_SYMBOLS = {
+    "fa fa-minus": "\u2212",
+    "fa fa-fast-backward": "|\u25c0\u25c0",
+    "fa fa-step-backward": "|\u25c0",
+    "fa fa-play fa-flip-horizontal": "\u25c0",
+    "fa fa-pause": "\u275a\u275a",
+    "fa fa-play": "\u25b6",
+    "fa fa-step-forward": "\u25b6|",
+    "fa fa-fast-forward": "\u25b6\u25b6|",
+    "fa fa-plus": "+",
+}
+_FONT_AWESOME = re.compile(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">')
+
+
+def _offline_controls(html: str) -> str:
+    """Drop the player's Font Awesome stylesheet link and write its button icons as text."""
+    html = _FONT_AWESOME.sub("", html)
+    for icon, symbol in _BUTTON_SYMBOLS.items():
+        html = html.replace(f'<i class="{icon}"></i>', symbol)
     return html
+
+
+VERDICTS = ("holds", "holds with a qualification", "not reproduced here")
+
+
+def claims_table(rows: Sequence[Sequence[str]], header: str = "The article says") -> str:
+    """The table that closes a chapter, as Markdown: claim, where checked, what we found, verdict.
+
+    Args:
+        rows: ``(claim, checked_in, found, verdict)`` each; ``verdict`` starts with one of
+            ``VERDICTS`` and may go on after a colon ("holds with a qualification: at 50 steps").
+        header: the first column's title ("The article says"; "The claim" for claims of ours).
+    """
+    lines = [f"| {header} | Checked in | What we found | Verdict |", "|---|---|---|---|"]
+    for i, row in enumerate(rows):
+        if len(row) != 4:
+            raise ValueError(f"rows[{i}] must have 4 cells (claim, checked in, found, verdict)")
+        verdict = row[3].strip().lower()
+        if not any(verdict == v or verdict.startswith(v + ":") for v in VERDICTS):
+            raise ValueError(
+                f"rows[{i}] verdict must be one of {VERDICTS} (optionally followed by ': why'), "
+                f"got {row[3]!r}"
+            )
+        cells = [str(c).replace("|", "\\|").replace("\n", " ") for c in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The book's plotting helpers: grids tile correctly, animations are self-contained HTML."""
 
 import numpy as np
+import pytest
 import torch
 
 from ddpm_lib.plotting import animate_images, animate_points, image_grid
@@ -22,3 +23,28 @@ def test_animations_are_one_self_contained_player_each():
     assert html.count('class="animation"') == 1 and "data:image/png;base64" in html
     html = animate_points([torch.randn(20, 2) for _ in range(3)])
     assert html.count('class="animation"') == 1
+
+
+def test_animation_players_need_nothing_from_the_network():
+    html = animate_points([torch.randn(20, 2) for _ in range(2)])
+    assert "http://" not in html and "https://" not in html
+    assert 'class="fa' not in html  # every button has a text symbol instead of an icon font
+    assert html.count("<button") == 9 and "\u25b6" in html
+
+
+def test_claims_table_has_a_verdict_column_and_refuses_other_verdicts():
+    from ddpm_lib.plotting import claims_table
+
+    table = claims_table(
+        [
+            ("a | b", "sec", "0.5", "holds"),
+            ("c", "sec", "1", "Holds with a qualification: only at 50 steps"),
+        ]
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| The article says | Checked in | What we found | Verdict |"
+    assert lines[2] == "| a \\| b | sec | 0.5 | holds |" and len(lines) == 4
+    with pytest.raises(ValueError, match=r"rows\[0\] verdict must be one of"):
+        claims_table([("c", "sec", "1", "mostly true")])
+    with pytest.raises(ValueError, match=r"rows\[0\] must have 4 cells"):
+        claims_table([("c", "sec", "1")])
