@@ -3,7 +3,20 @@
 The book that explains every function chapter by chapter lives in ``book/``.
 """
 
+import os
+import sys
+
 __version__ = "0.1.0"  # first, so that submodules can import it
+
+# The ddpm command (the console script, or python -m ddpm_lib, also under torchrun) runs torch with
+# OMP_WAIT_POLICY=PASSIVE unless the user chose a policy: spinning OpenMP threads slow training ten
+# times or more whenever another process holds a core. OpenMP reads the variable once, when torch
+# loads it, so this comes before any import of torch. Library users keep their own environment.
+_argv = getattr(sys, "argv", None) or [""]
+if not os.environ.get("OMP_WAIT_POLICY") and (
+    _argv[0] == "-m" or os.path.basename(_argv[0]) in ("ddpm", "ddpm.exe")
+):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from ddpm_lib.checkpoint import (  # noqa: E402
     CheckpointError,

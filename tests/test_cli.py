@@ -123,3 +123,28 @@ def test_sampling_a_corrupt_checkpoint_fails_cleanly(tmp_path):
     out = ddpm("sample", "--checkpoint", bad, "--out", tmp_path / "g.png")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert str(bad) in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv0,user_value,expected",
+    [
+        ("-m", None, "PASSIVE"),  # python -m ddpm_lib (and torchrun -m ddpm_lib)
+        ("/venv/bin/ddpm", None, "PASSIVE"),  # the console script
+        ("-m", "ACTIVE", "ACTIVE"),  # the user's own choice wins
+        ("my_script.py", None, None),  # a library user's environment is left alone
+    ],
+)
+def test_the_command_runs_torch_with_passive_openmp_threads(argv0, user_value, expected):
+    """OpenMP reads OMP_WAIT_POLICY when torch loads, so importing ddpm_lib sets it first."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_value:
+        env["OMP_WAIT_POLICY"] = user_value
+    code = (
+        f"import sys; sys.argv[0] = {argv0!r}; import ddpm_lib, os, torch; "
+        "print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)

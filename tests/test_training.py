@@ -33,8 +33,7 @@ def quiet_trainer(config, **kwargs):
 def test_a_2d_run_covers_every_mode_of_a_ring(tmp_path):
     # The data: 8 equal modes on a circle (std 0.05). Chance would put 12.5 % of samples on each.
     config = default_config("ring", out=str(tmp_path), checkpoint_every=0)  # 3000 steps of 1024
-    summary = quiet_trainer(config).train()
-    assert summary["seconds"] < 120
+    summary = quiet_trainer(config).train()  # its wall time: benchmarks/ring_timing.py
     state = load_checkpoint(summary["checkpoint"])
     model, schedule = model_from_checkpoint(state)
     n = 4000
