@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -26,15 +27,18 @@ def check_real(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """Return ``value`` as a float if it is a finite real in the given interval, else raise."""
+    """Return ``value`` as a float if it is a finite real in the given interval, else raise.
+
+    inf and NaN are refused even where the interval is open: no option means "infinitely many".
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high or value != value:
+    if too_low or too_high or not math.isfinite(value):
         interval = f"{'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
     return value
 
 
@@ -48,6 +52,18 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_batch(name: str, value: object) -> torch.Tensor:
+    """Check that ``value`` is a floating-point batch (B, ...) with B >= 1."""
+    check_tensor(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.ndim == 0 or value.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be a batch of shape (B, ...) with B >= 1, got shape {tuple(value.shape)}"
+        )
     return value
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ddpm_lib._checks import check_same_shape, check_tensor, check_timesteps
+from ddpm_lib._checks import check_batch, check_same_shape, check_timesteps
 from ddpm_lib._random import randint, randn
 from ddpm_lib.schedule import NoiseSchedule, extract
 
@@ -37,7 +37,7 @@ def q_sample(
         noise: the standard normal eps, shape of ``x0``; drawn when omitted.
         generator: random generator used when ``noise`` is drawn.
     """
-    x0 = check_tensor("x0", x0)
+    x0 = check_batch("x0", x0)
     t = check_timesteps(t, schedule.T, x0.shape[0])
     if noise is None:
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -74,7 +74,7 @@ def q_sample_iterative(
         t: timesteps in [0, T-1], LongTensor of shape (B,).
         generator: random generator for the T step noises.
     """
-    x0 = check_tensor("x0", x0)
+    x0 = check_batch("x0", x0)
     t = check_timesteps(t, schedule.T, x0.shape[0])
     x = x0.clone()
     alphas, betas = schedule.alphas.to(x0.device), schedule.betas.to(x0.device)
@@ -105,7 +105,7 @@ def q_posterior(
         ``(mean, variance)``: the mean has the shape of ``x0``; the variance has shape
         (B, 1, ..., 1), ready to broadcast.
     """
-    x0 = check_tensor("x0", x0)
+    x0 = check_batch("x0", x0)
     check_same_shape("x_t", x_t, "x0", x0)
     t = check_timesteps(t, schedule.T, x0.shape[0])
     # Ho et al. eq. 6-7
@@ -130,7 +130,7 @@ def predict_x0(
         t: timesteps in [0, T-1], LongTensor of shape (B,).
         eps: the (predicted) noise, shape of ``x_t``.
     """
-    x_t = check_tensor("x_t", x_t)
+    x_t = check_batch("x_t", x_t)
     check_same_shape("eps", eps, "x_t", x_t)
     t = check_timesteps(t, schedule.T, x_t.shape[0])
     # Ho et al. eq. 4 solved for x_0
@@ -152,7 +152,7 @@ def predict_eps(
         t: timesteps in [0, T-1], LongTensor of shape (B,).
         x0: the (predicted) clean data, shape of ``x_t``.
     """
-    x_t = check_tensor("x_t", x_t)
+    x_t = check_batch("x_t", x_t)
     check_same_shape("x0", x0, "x_t", x_t)
     t = check_timesteps(t, schedule.T, x_t.shape[0])
     # Ho et al. eq. 4 solved for eps
@@ -187,7 +187,7 @@ def diffusion_loss(
         generator: random generator for t and noise.
         reduction: "mean" for a scalar, "none" for one loss per item, shape (B,).
     """
-    x0 = check_tensor("x0", x0)
+    x0 = check_batch("x0", x0)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if t is None:  # drawn in range: no need for check_timesteps' device syncs every step

@@ -198,6 +198,11 @@ def sample(
 
     Returns:
         The samples x_0, shape ``shape``; with ``return_trajectory``, also a ``Trajectory``.
+
+    Raises:
+        ValueError, TypeError: a bad argument (before any model call), or a model whose output
+            does not have the shape of ``x_t``.
+        FloatingPointError: the samples are not finite (the model predicted NaN or Inf).
     """
     # Check everything before any work.
     sampler = check_choice("sampler", sampler, SAMPLERS)
@@ -235,7 +240,11 @@ def sample(
         for i, t in tqdm(loop, desc=f"{sampler} sampling", disable=not progress, leave=False):
             s = timesteps[len(timesteps) - 2 - i] if i < len(timesteps) - 1 else -1
             abar_t, abar_s = abar[t], (abar[s] if s >= 0 else 1.0)
-            eps = model(x, torch.full((shape[0],), t, dtype=torch.long, device=device)).float()
+            eps = model(x, torch.full((shape[0],), t, dtype=torch.long, device=device))
+            if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:  # broadcasting hides it
+                got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+                raise ValueError(f"model output must have the shape of x_t {shape}, got {got}")
+            eps = eps.float()
             needs_noise = s >= 0 and (sampler == "ddpm" or eta > 0)
             z = randn(shape, generator=generator, device=device) if needs_noise else None
             if sampler == "ddpm":
@@ -250,6 +259,11 @@ def sample(
     finally:
         if was_training:
             model.train()
+    if not torch.isfinite(x).all():  # one device sync for the whole run
+        raise FloatingPointError(
+            "sample: the samples hold NaN or Inf because the model's predictions did; check the "
+            "network's weights (a NaN weight spreads to every output)"
+        )
 
     if not n_records:
         return x

@@ -20,6 +20,7 @@ from ddpm_lib import (
 S = NoiseSchedule.linear(T=1000)
 X0 = torch.zeros(4, 2)
 T_OK = torch.tensor([0, 1, 2, 3])
+EMPTY = torch.zeros(0, 2)
 
 
 def long(*values):
@@ -102,7 +103,17 @@ CASES = [
         "x_t",
     ),
     ("ring n_modes", lambda: GaussianMixture.ring(n_modes=0), ValueError, "n_modes"),
-]
+    # inf and NaN are no numbers an option accepts, even where the interval is open.
+    ("cosine s=inf", lambda: NoiseSchedule.cosine(s=float("inf")), ValueError, "s"),
+    ("ring radius=inf", lambda: GaussianMixture.ring(radius=float("inf")), ValueError, "radius"),
+    # The documented promise holds for integer and 0-dim data and for empty batches too.
+    ("x0 integer", lambda: q_sample(S, torch.zeros(4, 2, dtype=torch.long), T_OK), TypeError, "x0"),
+    ("x0 0-dim", lambda: q_sample(S, torch.tensor(0.5), T_OK), ValueError, "x0"),
+    ("x0 empty", lambda: diffusion_loss(torch.zeros_like, S, torch.zeros(0, 2)), ValueError, "x0"),
+    ("posterior x0 0-dim", lambda: q_posterior(S, torch.tensor(0.5), X0, T_OK), ValueError, "x0"),
+    ("x_t empty", lambda: predict_x0(S, EMPTY, long(), EMPTY), ValueError, "x_t"),
+    ("iterative x0 integer", lambda: q_sample_iterative(S, X0.int(), T_OK), TypeError, "x0"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("call,error,name", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -130,6 +141,8 @@ SAMPLE_CASES = [
     ("steps not increasing", dict(steps=[0, 5, 5]), ValueError, "steps"),
     ("steps out of range", dict(steps=[0, 1000]), ValueError, "steps"),
     ("eta<0", dict(sampler="ddim", eta=-0.5), ValueError, "eta"),
+    ("eta=inf", dict(sampler="ddim", eta=float("inf")), ValueError, "eta"),
+    ("eta=nan", dict(sampler="ddim", eta=float("nan")), ValueError, "eta"),
     ("eta with ddpm", dict(sampler="ddpm", eta=1.0), ValueError, "eta"),
     ("sampler", dict(sampler="euler"), ValueError, "sampler"),
     ("variance", dict(variance="medium"), ValueError, "variance"),
@@ -158,3 +171,18 @@ def test_messages_give_the_accepted_range():
         sample(CountingModel(), S, (2, 2), steps=0, progress=False)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         NoiseSchedule.linear(beta_end=2.0)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [lambda x: x[:, :1], lambda x: x.sum(), lambda x: x[:1], lambda x: x.tolist()],
+    ids=["(B,1)", "scalar", "(1,2)", "a list"],
+)
+def test_sample_refuses_a_model_output_that_only_broadcasts(output):
+    with pytest.raises(ValueError, match=r"^model output must have the shape of x_t \(4, 2\)"):
+        sample(lambda x, t: output(torch.zeros_like(x)), S, (4, 2), steps=3, progress=False)
+
+
+def test_sample_refuses_to_return_nan():
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        sample(lambda x, t: torch.full_like(x, float("nan")), S, (4, 2), steps=3, progress=False)
