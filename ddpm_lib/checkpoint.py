@@ -11,15 +11,20 @@ Explained in chapter 8 (scaling up).
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 import tempfile
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ddpm_lib.models import build_model
+from ddpm_lib.data import DATASETS
+from ddpm_lib.models import MODELS, build_model, count_parameters
 from ddpm_lib.schedule import NoiseSchedule
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -34,6 +39,7 @@ REQUIRED_KEYS = (
     "config",
 )
 FORMAT = "ddpm_lib/1"
+MAX_T = 1_000_000  # no schedule has more steps; a larger T in a file is damage, not a setting
 
 
 class CheckpointError(RuntimeError):
@@ -48,26 +54,51 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         path: the target file; its folder must exist.
 
     Raises:
-        OSError: when writing fails; the previous file at ``path`` is left as it was.
+        OSError: when writing fails (a full disk, say); the previous file at ``path`` is left as
+            it was.
+    """
+    return write_atomically(path, lambda f: torch.save(state, f))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over
+    ``path``: readers see the old file or the new one, never a part.
+
+    Raises:
+        OSError: one line naming ``path`` and the cause; the previous file is untouched.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException as e:
         Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
+        # torch.save turns the OSError of a full disk into "RuntimeError: [enforce fail at
+        # inline_container.cc] unexpected pos": the OSError is still its context.
+        cause = e if isinstance(e, OSError) else _os_error_behind(e)
+        if cause is not None:
+            reason = cause.strerror or str(cause)
             raise OSError(
-                e.errno, f"writing {path} failed ({reason}); the previous file is untouched"
-            ) from e
+                cause.errno, f"writing {path} failed ({reason}); the previous file is untouched"
+            ) from None
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that caused ``error`` (through its __cause__/__context__ chain), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -98,6 +129,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_declared_sizes(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
@@ -114,7 +146,114 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: not a complete ddpm_lib checkpoint, missing {missing}")
     if state["format"] != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {state['format']!r}")
+    problem = _field_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: not a usable ddpm_lib checkpoint: {problem}")
     return state
+
+
+def _field_problem(state: dict) -> str | None:
+    """What is wrong with the fields every reader of a checkpoint relies on, or None."""
+    for key, kind in [("model", dict), ("ema", dict), ("model_config", dict), ("config", dict),
+                      ("schedule", dict), ("model_name", str)]:  # fmt: skip
+        if not isinstance(state[key], kind):
+            return f"{key} must be a {kind.__name__}, got {type(state[key]).__name__}"
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step must be an integer >= 0, got {step!r}"
+    if state["model_name"] not in MODELS:
+        return f"model_name must be one of {sorted(MODELS)}, got {state['model_name']!r}"
+    data = state["config"].get("data")
+    if data not in DATASETS:
+        return f"config['data'] must be one of {list(DATASETS)}, got {data!r}"
+    if not isinstance(state["ema"].get("shadow"), dict):
+        return "ema['shadow'] (the EMA weights) is missing"
+    params = state["schedule"].get("params")
+    if not isinstance(params, dict):
+        return "schedule['params'] must be a dict"
+    T = len(params["betas"]) if isinstance(params.get("betas"), list) else params.get("T", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
+        return f"schedule T must be an integer in [1, {MAX_T}], got {T!r}"
+    return None
+
+
+# A checkpoint is a zip archive: data.pkl (the structure) and one entry per tensor storage. Its
+# central directory declares every entry's size, which is what reading it will cost in memory.
+# torch.save stores entries uncompressed; a crafted file can deflate 1.5 GB into 1.5 MB.
+MAX_STRUCTURE_BYTES = 64 * 2**20  # data.pkl: RNG states, configs and the optimiser's bookkeeping
+SPARE_BYTES = 64 * 2**20  # RNG states, step counters, the grad scaler: small next to the weights
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse, before reading them, archive entries larger than the stored network can need."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip archive: torch.load says what it is
+    with archive:
+        entries = archive.infolist()
+        declared = sum(e.file_size for e in entries)
+        if declared > path.stat().st_size + SPARE_BYTES:
+            raise CheckpointError(
+                f"{path}: refused before reading: the archive declares {declared / 1e6:.0f} MB of "
+                f"content in a {path.stat().st_size / 1e6:.1f} MB file (compressed entries, which "
+                "torch.save never writes: a crafted or damaged file)"
+            )
+        structure = next((e for e in entries if e.filename.endswith("/data.pkl")), None)
+        if structure is None or structure.file_size > MAX_STRUCTURE_BYTES:
+            return  # torch.load refuses it
+        try:
+            skeleton = _Skeleton(io.BytesIO(archive.read(structure))).load()
+            network = build_model_on_meta(skeleton["model_name"], skeleton["model_config"])
+        except Exception:
+            return  # unusual structure: torch.load and the field checks judge it
+        # fp64 at most, for the weights, their EMA copy and Adam's two moments
+        needed = 4 * 8 * count_parameters(network, trainable_only=False) + SPARE_BYTES
+        tensors = sum(e.file_size for e in entries if "/data/" in e.filename)
+        if tensors > needed:
+            raise CheckpointError(
+                f"{path}: refused before reading: the archive declares {tensors / 1e6:.0f} MB "
+                f"of tensors, but its {skeleton['model_name']} network needs at most "
+                f"{needed / 1e6:.0f} MB (a crafted or damaged file)"
+            )
+
+
+def build_model_on_meta(name: str, config: dict) -> torch.nn.Module:
+    """The network ``build_model(name, **config)`` describes, without allocating its weights."""
+    if not isinstance(config, dict):
+        raise TypeError(f"model_config must be a dict, got {type(config).__name__}")
+    with torch.device("meta"):
+        return build_model(name, **config)
+
+
+class _Stub:
+    """Stands in for any object the structure names: accepts every call, stores nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _Skeleton(pickle.Unpickler):
+    """Reads data.pkl into plain dicts, lists and numbers with every import replaced by a _Stub
+    and every tensor by None: nothing named in the file is imported or run."""
+
+    def find_class(self, module: str, name: str) -> type:
+        return _Stub
+
+    def persistent_load(self, pid) -> None:
+        return None
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -184,11 +323,16 @@ def model_from_checkpoint(
         ``(model, schedule)``, the model in eval mode on the CPU.
     """
     try:
+        build_model_on_meta(state["model_name"], state["model_config"])  # no allocation yet
         model = build_model(state["model_name"], **state["model_config"])
         weights = state["ema"]["shadow"] if use_ema else state["model"]
         model.load_state_dict(weights)
         schedule = NoiseSchedule.from_dict(state["schedule"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except Exception as e:  # any field that fails to build: the file is damaged or crafted
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: does not describe a usable network: {first_line}") from None
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            which = "EMA weight" if use_ema else "weight"
+            raise CheckpointError(f"{path}: {which} {name} holds NaN or Inf; the network is broken")
     return model.eval(), schedule

@@ -214,3 +214,183 @@ def test_a_full_disk_during_training_is_reported_and_loses_nothing(tmp_path, mon
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
     assert load_checkpoint(checkpoint_path(tmp_path, 2))["step"] == 2
     assert not list(tmp_path.glob(".ckpt_*"))
+
+
+# --- a full disk, the way torch.save really meets it --------------------------------------------
+
+FULL_DISK = """
+import resource, signal, sys, torch
+from ddpm_lib.checkpoint import save_checkpoint
+path = sys.argv[1]
+save_checkpoint({"w": torch.zeros(10)}, path)  # the previous file: small
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit, write() fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+try:
+    save_checkpoint({"w": torch.zeros(100_000)}, path)
+except OSError as e:
+    print(f"OSError: {e}")
+"""
+
+
+def test_a_full_disk_inside_torch_save_is_one_oserror_naming_the_file(tmp_path):
+    """torch.save turns the OSError of a full disk into 'RuntimeError: [enforce fail at
+    inline_container.cc]'; the file size limit makes the kernel refuse writes in the same way."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ckpt.pt"
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        f"OSError: [Errno 27] writing {path} failed (File too large); the previous file is "
+        "untouched"
+    )
+    assert load_checkpoint_raw(path)["w"].shape == (10,)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def load_checkpoint_raw(path):
+    return torch.load(path, weights_only=True)
+
+
+# --- crafted and damaged files -----------------------------------------------------------------
+
+CRAFTED = {  # what is changed in a good checkpoint -> what the one-line message must name
+    "config a list": (dict(config=[1, 2]), "config must be a dict"),
+    "config without data": ("no data", "config['data']"),
+    "absurd T": ("huge T", "schedule T must be an integer in [1, 1000000]"),
+    "model_config a list": (dict(model_config=[64]), "model_config must be a dict"),
+    "negative step": (dict(step=-1), "step must be an integer >= 0"),
+    "unknown network": (dict(model_name="resnet"), "model_name must be one of"),
+    "ema without shadow": (dict(ema={}), "ema['shadow']"),
+}
+
+
+def _crafted(good_state, change):
+    if change == "no data":
+        return dict(
+            good_state, config={k: v for k, v in good_state["config"].items() if k != "data"}
+        )
+    if change == "huge T":
+        schedule = {"kind": "linear", "params": {**good_state["schedule"]["params"], "T": 10**12}}
+        return dict(good_state, schedule=schedule)
+    return dict(good_state, **change)
+
+
+@pytest.mark.parametrize("kind", list(CRAFTED))
+def test_a_crafted_field_is_a_one_line_checkpoint_error(tmp_path, good_state, kind):
+    change, expected = CRAFTED[kind]
+    path = save_checkpoint(_crafted(good_state, change), tmp_path / "crafted.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_every_field_that_fails_to_build_is_a_checkpoint_error(tmp_path, good_state):
+    for model_config in ({"hidden": "wide"}, {"hidden": 10**12}, {"no_such_argument": 1}):
+        state = dict(good_state, model_config=model_config)
+        with pytest.raises(CheckpointError, match="does not describe a usable network"):
+            model_from_checkpoint(state, path="crafted.pt")
+
+
+def _rezip(source, target, replace):
+    """Copy the zip archive ``source`` to ``target``, entry by entry, with ``replace(name, zin,
+    zout)`` writing the entries it wants to change (it returns True for those)."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for info in zin.infolist():
+            if not replace(info.filename, zin, zout):
+                zout.writestr(info, zin.read(info))
+    return target
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_read(tmp_path, good_state, monkeypatch):
+    import zipfile
+
+    good = save_checkpoint(good_state, tmp_path / "good.pt")
+    chunk = bytes(2**20)
+
+    def bomb(name, zin, zout):  # 256 MB of zeros, deflated to a few hundred kB
+        if not name.endswith("/data/0"):
+            return False
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zout.open(info, "w", force_zip64=True) as f:
+            for _ in range(256):
+                f.write(chunk)
+        return True
+
+    path = _rezip(good, tmp_path / "bomb.pt", bomb)
+    assert path.stat().st_size < good.stat().st_size + 2**20  # a few MB declaring 256 MB more
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load read the bomb")
+
+    monkeypatch.setattr(torch, "load", never)
+    declared = r"refused before reading: the archive declares 27\d MB of content in a 3"
+    with pytest.raises(CheckpointError, match=declared):
+        load_checkpoint(path)
+
+
+def test_tensors_larger_than_the_network_needs_are_refused_before_reading(
+    tmp_path, good_state, monkeypatch
+):
+    import ddpm_lib.checkpoint as checkpoint
+
+    good = save_checkpoint(good_state, tmp_path / "good.pt")
+
+    def oversized(name, zin, zout):  # stored, not compressed: the file really is this large
+        if not name.endswith("/data/0"):
+            return False
+        zout.writestr(zin.getinfo(name), bytes(8 * 2**20))
+        return True
+
+    path = _rezip(good, tmp_path / "oversized.pt", oversized)
+    monkeypatch.setattr(checkpoint, "SPARE_BYTES", 0)  # so that a small file shows the rule
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load read the file"))
+    with pytest.raises(CheckpointError, match=r"declares \d+ MB of tensors, but its mlp network"):
+        load_checkpoint(path)
+    assert checkpoint._check_declared_sizes(good) is None  # a real one passes
+
+
+def test_nan_weights_are_refused_in_one_line(tmp_path, good_state):
+    shadow = {k: v.clone() for k, v in good_state["ema"]["shadow"].items()}
+    name = next(iter(shadow))
+    shadow[name].view(-1)[0] = float("nan")
+    state = dict(good_state, ema={**good_state["ema"], "shadow": shadow})
+    with pytest.raises(CheckpointError, match=rf"EMA weight {name} holds NaN or Inf"):
+        model_from_checkpoint(state, path="nan.pt")
+    model_from_checkpoint(state, use_ema=False)  # the raw weights are fine
+
+
+@pytest.mark.parametrize("command", ["sample", "bpd", "info"])
+def test_the_cli_refuses_crafted_and_nan_checkpoints_in_one_line(
+    tmp_path, good_state, command, capsys
+):
+    from ddpm_lib.cli import main
+
+    nan_shadow = {
+        k: torch.full_like(v, float("nan")) for k, v in good_state["ema"]["shadow"].items()
+    }
+    files = {
+        kind: save_checkpoint(_crafted(good_state, CRAFTED[kind][0]), tmp_path / f"{i}.pt")
+        for i, kind in enumerate(CRAFTED)
+    }
+    files["nan weights"] = save_checkpoint(
+        dict(good_state, ema={**good_state["ema"], "shadow": nan_shadow}), tmp_path / "nan.pt"
+    )
+    for kind, path in files.items():
+        args = {
+            "sample": ["sample", "--checkpoint", path, "--out", tmp_path / "g.png", "--n", "2"],
+            "bpd": ["bpd", "--checkpoint", path, "--n", "2"],
+            "info": ["info", path],
+        }[command]
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 1, (kind, err)
+        assert len(err.strip().splitlines()) == 1 and str(path) in err, (kind, err)
+        assert not (tmp_path / "g.png").exists(), kind
