@@ -23,6 +23,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
+
 from ddpm_lib.data import DATASETS
 from ddpm_lib.models import MODELS, build_model, count_parameters
 from ddpm_lib.schedule import NoiseSchedule
@@ -44,6 +49,11 @@ MAX_T = 1_000_000  # no schedule has more steps; a larger T in a file is damage,
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked: it holds another run, or another process is
+    training in it."""
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -82,9 +92,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
         cause = e if isinstance(e, OSError) else _os_error_behind(e)
         if cause is not None:
             reason = cause.strerror or str(cause)
-            raise OSError(
+            error = OSError(
                 cause.errno, f"writing {path} failed ({reason}); the previous file is untouched"
-            ) from None
+            )
+            error.reason = reason  # for callers that say more about what is intact
+            raise error from None
         raise
     _fsync_folder(path.parent)
     return path
@@ -274,6 +286,106 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+# Run folders ---------------------------------------------------------------------------------
+
+RUN_FILES = ("config.json", "metrics.jsonl")
+LOCK_NAME = ".lock"
+
+
+def run_contents(folder: str | os.PathLike) -> list[Path]:
+    """What a training run left in ``folder``: its config, metrics log, checkpoints (with any
+    half-written temporaries) and sample grids. Other files are not the run's and stay."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [folder / name for name in RUN_FILES if (folder / name).is_file()]
+    found += list_checkpoints(folder) + sorted(folder.glob(".ckpt_*.pt.*.tmp"))
+    samples = folder / "samples"
+    if samples.is_dir():
+        found += sorted(p for p in samples.glob("step_*.png") if p.is_file())
+    return found
+
+
+def describe_run(paths: list[Path]) -> str:
+    """``config.json, metrics.jsonl, 2 checkpoints (steps 40 to 60), 3 sample grids``."""
+    parts = [p.name for p in paths if p.name in RUN_FILES]
+    steps = [int(m.group(1)) for p in paths if (m := CHECKPOINT_PATTERN.match(p.name))]
+    if steps:
+        parts.append(f"{len(steps)} checkpoint(s) (steps {min(steps)} to {max(steps)})")
+    grids = sum(p.parent.name == "samples" for p in paths)
+    if grids:
+        parts.append(f"{grids} sample grid(s)")
+    temporaries = sum(p.name.endswith(".tmp") for p in paths)
+    if temporaries:
+        parts.append(f"{temporaries} half-written temporary file(s)")
+    return ", ".join(parts)
+
+
+def remove_run(folder: str | os.PathLike) -> list[Path]:
+    """Delete what ``run_contents`` lists; returns the paths removed."""
+    removed = run_contents(folder)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``flock`` on its ``.lock`` file, which holds the
+    holder's pid. The kernel releases it when the process ends, however it ends: a killed run
+    never leaves a stale lock. (No locking where ``fcntl`` is missing, i.e. on Windows.)
+
+    Args:
+        folder: the run folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self._fd: int | None = None
+
+    def check_free(self) -> None:
+        """Raise ``RunFolderError`` if another process holds the lock; take nothing."""
+        if fcntl is None or self._fd is not None or not self.path.is_file():
+            return
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            self._try_lock(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> None:
+        """Take the lock (creating the folder) or raise ``RunFolderError`` at once."""
+        if fcntl is None or self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._try_lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def _try_lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunFolderError(
+                f"out: {self.path.parent} is in use by another training (pid {holder}); wait "
+                "for it to end or choose another folder"
+            ) from None
 
 
 def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:

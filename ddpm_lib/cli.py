@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ddpm_lib import __version__
@@ -101,7 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_options(train)
     train.add_argument(
-        "--resume", action="store_true", help="continue from the newest valid checkpoint in --out"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest valid checkpoint, with its config.json "
+        "(only --steps, logging, sampling, checkpoint and hardware options may change)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run that --out holds (config.json, metrics.jsonl, checkpoints, sample "
+        "grids) and start afresh",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -119,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     sample.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass")
-    sample.add_argument("--out", default="samples.png", help="image grid or scatter plot (.png)")
+    sample.add_argument(
+        "--out", default="samples.png", help="image grid or scatter plot (.png, .jpg, .pdf, ...)"
+    )
     sample.add_argument("--save-tensor", default=None, help="also save the samples as a .pt file")
     sample.add_argument(
         "--judge", action="store_true", help="digits only: report the digits classifier's verdict"
@@ -147,31 +160,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ddpm_lib.training import Trainer, default_config
+    from ddpm_lib.training import TrainConfig, Trainer, default_config
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
-    config = default_config(options.pop("data", "digits"), **options)
-    summary = Trainer(config, resume=args.resume, progress=not args.quiet).train()
-    print(json.dumps(summary))
+    flags = ("command", "resume", "overwrite", "quiet")
+    options = {k: v for k, v in vars(args).items() if k not in flags}
+    out = Path(options.get("out") or f"runs/{options.get('data', 'digits')}")
+    saved = out / "config.json"
+    if args.resume and saved.is_file():  # the run's own settings, with the options given on top
+        try:
+            values = json.loads(saved.read_text())
+            model_config = {**values.get("model_config", {}), **options.pop("model_config", {})}
+            values.update(options, out=str(out), model_config=model_config)
+            config = TrainConfig.from_dict(values)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{saved}: not a readable run config ({e})") from None
+    else:
+        config = default_config(options.pop("data", "digits"), **options)
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(trainer.train()))
     return 0
+
+
+def _check_outputs(inputs: list[str], **outputs: str | None) -> None:
+    """Refuse an output file that is one of the inputs, or another output, or whose folder is
+    missing: before any work, not after it."""
+    seen = {Path(i).resolve(): "the input" for i in inputs}
+    for name, value in outputs.items():
+        if value is None:
+            continue
+        path = Path(value)
+        if path.resolve() in seen:
+            raise ValueError(f"{name} {value} is {seen[path.resolve()]}: choose another file")
+        if path.is_dir():
+            raise ValueError(f"{name} must be a file name, but {value} is a folder")
+        if name != "out" and not path.parent.is_dir():  # --out's folder is created
+            raise ValueError(f"{name}: the folder {path.parent} does not exist")
+        seen[path.resolve()] = f"also --{name.replace('_', '-')}"
 
 
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from ddpm_lib._checks import check_int
+    from ddpm_lib._checks import check_choice, check_int, check_real
     from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
-    from ddpm_lib.samplers import sample
-    from ddpm_lib.training import pick_device, save_sample_figure
+    from ddpm_lib.samplers import SAMPLERS, VARIANCES, sample
+    from ddpm_lib.training import FIGURE_FORMATS, pick_device, save_sample_figure
 
     check_int("n", args.n, low=1)
     check_int("batch_size", args.batch_size, low=1)
+    check_choice("sampler", args.sampler, SAMPLERS)
+    check_choice("variance", args.variance, VARIANCES)
+    check_real("eta", args.eta, low=0)
     out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"out must be a file name, but {out} is a folder")
+    if out.suffix.lower() not in FIGURE_FORMATS:
+        raise ValueError(
+            f"out must end in one of {', '.join(FIGURE_FORMATS)} (the image format), got {out}"
+        )
+    _check_outputs([args.checkpoint], out=args.out, save_tensor=args.save_tensor)
+    device = pick_device(args.device)
     state = load_checkpoint(args.checkpoint)
     model, schedule = model_from_checkpoint(state, use_ema=not args.no_ema, path=args.checkpoint)
-    device = pick_device(args.device)
     model = model.to(device)
     cfg = model.config
     item_shape = (
@@ -179,6 +227,11 @@ def _sample(args: argparse.Namespace) -> int:
         if state["model_name"] == "unet"
         else (cfg["dim"],)
     )
+    if args.judge and (state["config"]["data"] != "digits" or item_shape != (1, 8, 8)):
+        raise ValueError(
+            f"judge applies to 8x8 digits only, but {args.checkpoint} was trained on "
+            f"{state['config']['data']} ({'x'.join(map(str, item_shape))})"
+        )
     generator = torch.Generator(device).manual_seed(args.seed)
     chunks = []
     for start in range(0, args.n, args.batch_size):
@@ -208,8 +261,6 @@ def _sample(args: argparse.Namespace) -> int:
     if args.judge:
         from ddpm_lib.classifier import format_judgement, judge_digits, load_digits_classifier
 
-        if item_shape != (1, 8, 8):
-            raise ValueError("judge applies to 8x8 digits samples only")
         print(format_judgement(judge_digits(x, load_digits_classifier())))
     return 0
 
@@ -228,6 +279,8 @@ def _bpd(args: argparse.Namespace) -> int:
         check_int("n", args.n, low=1)
     check_int("batch_size", args.batch_size, low=1)
     check_choice("variance", args.variance, ("small", "large"))
+    _check_outputs([args.checkpoint], save_terms=args.save_terms)
+    device = pick_device(args.device)
     state = load_checkpoint(args.checkpoint)
     config = state["config"]
     levels = dataset_info(config["data"])["levels"]
@@ -247,7 +300,6 @@ def _bpd(args: argparse.Namespace) -> int:
     if levels is not None:  # resized images fall between levels: score their 8-bit rounding
         x0 = ((x0 + 1) / 2 * (levels - 1)).round() / (levels - 1) * 2 - 1
     model, schedule = model_from_checkpoint(state, use_ema=not args.no_ema, path=args.checkpoint)
-    device = pick_device(args.device)
     bound = variational_bound(
         model.to(device),
         schedule.to(device),
@@ -292,21 +344,42 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (which handles it itself): stop with a line, not silently."""
+
+
+def _terminate(signal_number, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from ddpm_lib.checkpoint import CheckpointError
-    from ddpm_lib.training import NonFiniteLossError
+    from ddpm_lib.checkpoint import CheckpointError, RunFolderError
+    from ddpm_lib.training import NonFiniteLossError, TrainingInterrupted
 
     run = {"train": _train, "sample": _sample, "bpd": _bpd, "info": _info}[args.command]
+    expected = (ValueError, TypeError, OSError, CheckpointError, RunFolderError)
+    expected += (NonFiniteLossError, FloatingPointError)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return run(args)
-    except (ValueError, TypeError, OSError, CheckpointError, NonFiniteLossError) as e:
+    except expected as e:
         print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # the step under way was finished and checkpointed
+        print(f"ddpm {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signal_number
+    except _Terminated:
+        print(f"ddpm {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"ddpm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

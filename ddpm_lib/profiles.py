@@ -67,7 +67,8 @@ class Profile:
         """Train ``config`` once and cache it under ``name``; later calls load the EMA network.
 
         A cached run is reused only if it was trained with the same config (all but ``out``)
-        and reached ``config.steps``; otherwise it is trained (or resumed) again.
+        and reached ``config.steps``; a shorter one with the same config is resumed, and one with
+        another config (or with no checkpoint that loads) is deleted and trained afresh.
 
         Args:
             name: a name for the run, unique within the book (e.g. "digits_unet").
@@ -83,9 +84,9 @@ class Profile:
         config = TrainConfig.from_dict({**config.to_dict(), "out": str(folder)})
         wanted = {k: v for k, v in config.to_dict().items() if k != "out"}
         try:
-            found = latest_valid_checkpoint(folder)
-        except CheckpointError:
-            found = None
+            found, fresh = latest_valid_checkpoint(folder), False
+        except CheckpointError:  # checkpoints, none of which loads: start over
+            found, fresh = None, True
         if found is not None:
             path, state = found
             saved = {k: v for k, v in state["config"].items() if k != "out"}
@@ -93,10 +94,8 @@ class Profile:
                 log(f"loaded the cached run {name!r} (step {state['step']}) from {path}")
                 model, schedule = model_from_checkpoint(state, path=path)
                 return model.to(self.device), schedule.to(self.device), state
-            if saved != wanted:  # another config: start that run afresh
-                for old in folder.glob("ckpt_*.pt"):
-                    old.unlink()
-        trainer = Trainer(config, resume=True, progress=progress, log=log)
+            fresh = saved != wanted  # another config: that run is deleted, not resumed
+        trainer = Trainer(config, resume=not fresh, overwrite=fresh, progress=progress, log=log)
         trainer.train()
         state = trainer.state_dict()
         model, schedule = model_from_checkpoint(state, path=folder)

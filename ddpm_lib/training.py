@@ -15,8 +15,11 @@ import json
 import math
 import os
 import random
+import re
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +34,19 @@ from ddpm_lib._checks import check_choice, check_int, check_real
 from ddpm_lib.checkpoint import (
     FORMAT,
     CheckpointError,
+    RunFolderError,
+    RunLock,
+    build_model_on_meta,
     checkpoint_path,
+    describe_run,
     latest_valid_checkpoint,
+    list_checkpoints,
     prune_checkpoints,
+    remove_run,
     remove_stale_temporaries,
+    run_contents,
     save_checkpoint,
+    write_atomically,
 )
 from ddpm_lib.data import DATASETS, dataset_info, load_dataset
 from ddpm_lib.diffusion import diffusion_loss
@@ -113,7 +124,12 @@ class TrainConfig:
         check_int("log_every", self.log_every, low=1)
         check_int("sample_every", self.sample_every, low=0)
         check_int("sample_n", self.sample_n, low=1)
-        check_int("sample_steps", self.sample_steps, low=1, high=self.T)
+        check_int("sample_steps", self.sample_steps, low=1)
+        if self.sample_steps > self.T:
+            raise ValueError(
+                f"sample_steps must be an integer in [1, T={self.T}] (the DDIM steps of the "
+                f"sample grids), got {self.sample_steps}"
+            )
         check_int("checkpoint_every", self.checkpoint_every, low=0)
         check_int("keep_checkpoints", self.keep_checkpoints, low=1)
         check_real("max_minutes", self.max_minutes, low=0)
@@ -121,6 +137,11 @@ class TrainConfig:
             check_int("image_size", self.image_size, low=1)
         if self.n_data is not None:
             check_int("n_data", self.n_data, low=1)
+        if self.data == "folder" and not self.data_root:
+            raise ValueError(
+                "data_root must name the image folder for data='folder' (--data-root on the "
+                "command line)"
+            )
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out must be a folder, but {self.out} is a file")
         return self
@@ -185,7 +206,40 @@ def default_config(data: str = "digits", **overrides) -> TrainConfig:
     model_config = {**values.get("model_config", {}), **overrides.pop("model_config", {})}
     values.update(overrides)
     values["model_config"] = model_config
+    T = values.get("T", TrainConfig.T)
+    if "sample_steps" not in overrides and isinstance(T, int) and 1 <= T < TrainConfig.sample_steps:
+        values["sample_steps"] = T  # a chain shorter than the default grid: sample every step
     return TrainConfig.from_dict(values)
+
+
+# What --resume may change: how long, how often to log, sample and checkpoint, and on which
+# hardware. Everything else defines the run (the data, the network, the schedule, the optimiser,
+# the seed): changing it would silently train another model under the old run's name.
+RESUMABLE = frozenset({
+    "steps", "log_every", "sample_every", "sample_n", "sample_steps", "checkpoint_every",
+    "keep_checkpoints", "max_minutes", "device", "num_workers", "compile", "channels_last",
+    "download", "out",
+})  # fmt: skip
+
+
+def _as_json(value):
+    """``value`` as JSON sees it: tuples become lists, so (1, 2) from Python equals [1, 2] read
+    back from config.json."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _normalised(config: dict) -> dict:
+    """A config as JSON sees it, with defaults for fields it lacks."""
+    return _as_json({**TrainConfig().to_dict(), **config})
+
+
+def config_changes(saved: dict, config: TrainConfig) -> list[tuple[str, object, object]]:
+    """The (field, saved value, new value) that resuming a run saved with ``saved`` as
+    ``config`` would change and must not (see ``RESUMABLE``)."""
+    old, new = _normalised(saved), _normalised(config.to_dict())
+    changes = [(k, old.get(k), v) for k, v in new.items() if k not in RESUMABLE and old.get(k) != v]
+    # The torchvision sets are found by name, so their folder may move; an image folder is the data.
+    return [c for c in changes if c[0] != "data_root" or config.data == "folder"]
 
 
 # Hardware ------------------------------------------------------------------------------------
@@ -204,8 +258,35 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for, but torch sees no CUDA GPU")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"device='cuda' for local rank {local_rank}, but torch sees only "
+                f"{torch.cuda.device_count()} GPU(s)"
+            )
         return torch.device("cuda", local_rank)
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ValueError("device='mps' was asked for, but torch sees no Apple GPU (MPS)")
     return torch.device(name)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``; None where that is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable caches
+                kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+            return kib * 1024
+        except (OSError, StopIteration, ValueError):
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
 
 
 def pick_amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -269,20 +350,48 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a step; a checkpoint of that step was written.
+
+    Attributes:
+        signal_number: the signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+        checkpoint: the checkpoint written, or None (a process other than rank 0).
+    """
+
+    def __init__(self, message: str, signal_number: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.signal_number, self.checkpoint = signal_number, checkpoint
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what Colab, Slurm and Kubernetes send
+
+
 class Trainer:
     """Trains a noise predictor with Algorithm 1 according to a ``TrainConfig``.
 
     Explained in chapter 5.
 
+    A run folder holds one run. A new run refuses a folder that holds one unless ``resume``
+    (continue it, with the same settings but for those in ``RESUMABLE``) or ``overwrite``
+    (delete it first); while ``train()`` runs, the folder is locked against other processes.
+
     Args:
         config: the run's settings (validated here, before any work).
         resume: continue from the newest valid checkpoint in ``config.out``, if there is one.
+        overwrite: delete the run that ``config.out`` holds (its config, log, checkpoints and
+            sample grids) when training starts.
         progress: show a tqdm bar.
         log: where to print one-line messages (rank 0 only); None for silence.
     """
 
     def __init__(
-        self, config: TrainConfig, *, resume: bool = False, progress: bool = True, log=print
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        log=print,
     ) -> None:
         self.config = config.validate()
         self.rank, self.local_rank, self.world_size = distributed_context()
@@ -294,12 +403,21 @@ class Trainer:
                 f"batch_size must be divisible by the number of processes ({self.world_size}), "
                 f"got {config.batch_size}"
             )
-        self.out = Path(config.out)
+        if resume and overwrite:
+            raise ValueError(
+                "resume and overwrite exclude each other: continue the run or delete it"
+            )
+        self.out, self.overwrite = Path(config.out), overwrite
+        self._lock = RunLock(self.out)
+        if self.is_main:
+            self._check_run_folder(resume)
+        self.device = pick_device(config.device, self.local_rank)
         info = dataset_info(config.data)
         self.model_name = (
             config.model if config.model != "auto" else ("mlp" if info["kind"] == "2d" else "unet")
         )
         self.model_config = self._model_config(info)
+        self._check_memory()
         # Seeded before the network is built: the initial weights are a function of the seed.
         self._seed_everything(config.seed + self.rank)
         # Build the network on the CPU first: a bad image size fails here, before any data loads.
@@ -312,7 +430,6 @@ class Trainer:
                 else "gloo"
             )
             dist.init_process_group(backend)
-        self.device = pick_device(config.device, self.local_rank)
         self.amp_dtype = pick_amp_dtype(config.amp, self.device)
 
         self.dataset = load_dataset(
@@ -355,6 +472,8 @@ class Trainer:
         )
         self.step = 0
         self.resumed_from: Path | None = None
+        self._stop_signal: int | None = None
+        self._saved_step: int | None = None
         if resume:
             self._resume()
 
@@ -367,6 +486,50 @@ class Trainer:
         self.net = net  # what the training step calls
 
     # Setup helpers ---------------------------------------------------------------------------
+
+    def _check_run_folder(self, resume: bool) -> None:
+        """Refuse a folder in use by another process, or holding a run we were not told about,
+        or (resuming) one trained with other settings: before any work."""
+        self._lock.check_free()
+        found = run_contents(self.out)
+        if found and not (resume or self.overwrite):
+            raise RunFolderError(
+                f"out: {self.out} already holds a run ({describe_run(found)}); continue it with "
+                "--resume (resume=True) or delete it with --overwrite (overwrite=True)"
+            )
+        saved = self.out / "config.json"
+        if resume and saved.is_file():  # the checkpoint's own config is compared on loading
+            try:
+                values = json.loads(saved.read_text())
+            except (ValueError, OSError) as e:
+                raise RunFolderError(f"{saved}: not a readable run config ({e})") from None
+            if not isinstance(values, dict):
+                raise RunFolderError(f"{saved}: not a run config (holds a {type(values).__name__})")
+            self._refuse_changes(values, saved)
+
+    def _refuse_changes(self, saved: dict, source: Path) -> None:
+        changes = config_changes(saved, self.config)
+        if changes:
+            listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
+            raise RunFolderError(
+                f"--resume would change the run in {self.out} ({source.name}): {listed}; only "
+                f"{', '.join(sorted(RESUMABLE - {'out'}))} may change on resume. Keep the run's "
+                "values, or train into another folder"
+            )
+
+    def _check_memory(self) -> None:
+        """Refuse a network that cannot fit, before allocating it (the parameters counted on
+        the meta device): weights, gradients, Adam's two moments and the EMA copy, 4 bytes each."""
+        network = build_model_on_meta(self.model_name, self.model_config)
+        n = count_parameters(network, trainable_only=False)
+        needed, free = 5 * 4 * n, free_memory(self.device)
+        if free is not None and needed > free:
+            raise ValueError(
+                f"model_config: the {self.model_name} network has {n:,} parameters, which need "
+                f"about {needed / 1e9:.1f} GB to train (weights, gradients, Adam state and the "
+                f"EMA copy), more than the {free / 1e9:.1f} GB free on {self.device}; choose a "
+                "smaller network"
+            )
 
     def _model_config(self, info: dict) -> dict:
         cfg = dict(self.config.model_config)
@@ -421,7 +584,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["model_name"] != self.model_name or state["model_config"] != self.model_config:
+        same_config = _as_json(state["model_config"]) == _as_json(self.model_config)
+        if state["model_name"] != self.model_name or not same_config:
             raise CheckpointError(
                 f"checkpoint network {state['model_name']} {state['model_config']} differs from "
                 f"the configured {self.model_name} {self.model_config}"
@@ -430,7 +594,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty from a run without fp16 (e.g. resumed on another device)
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         rng = state["rng"]
         if state.get("world_size", 1) == self.world_size:
@@ -450,8 +615,14 @@ class Trainer:
             self.say(f"no checkpoint in {self.out}: starting from step 0")
             return
         path, state = found
+        self._refuse_changes(state["config"], path)
+        if self.config.steps < state["step"]:
+            raise ValueError(
+                f"steps must be at least the checkpoint's step {state['step']} to resume "
+                f"{path}, got {self.config.steps}"
+            )
         self.load_state_dict(state)
-        self.resumed_from = path
+        self.resumed_from, self._saved_step = path, self.step
         self.say(f"resuming from {path} at step {self.step}")
 
     def save(self) -> Path | None:
@@ -459,10 +630,21 @@ class Trainer:
         path = None
         if self.is_main:
             self._check_finite_weights()
-            path = save_checkpoint(self.state_dict(), checkpoint_path(self.out, self.step))
+            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                path = save_checkpoint(self.state_dict(), checkpoint_path(self.out, self.step))
+            except OSError as e:
+                kept = list_checkpoints(self.out)
+                intact = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+                raise OSError(
+                    e.errno,
+                    f"step {self.step}: writing {checkpoint_path(self.out, self.step)} failed "
+                    f"({getattr(e, 'reason', e.strerror)}); the previous checkpoint {intact}",
+                ) from None
             prune_checkpoints(self.out, self.config.keep_checkpoints)
         if self.world_size > 1:
             dist.barrier()
+        self._saved_step = self.step
         return path
 
     def _check_finite_weights(self) -> None:
@@ -488,20 +670,42 @@ class Trainer:
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            # Its own generator: creating the iterator draws a seed, and a draw from the global
+            # RNG would shift every later dropout mask of a resumed run.
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
-        for x, _ in loader:
-            yield x.to(self.device, non_blocking=True)
+        try:
+            for x, _ in loader:
+                yield x.to(self.device, non_blocking=True)
+        except Exception as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            raise _one_line(e) from None
 
     def _open_metrics_log(self):
-        """metrics.jsonl for appending, without lines beyond the current step (a killed run's)."""
+        """metrics.jsonl for appending, without lines beyond the current step (a killed run's).
+
+        A torn last line (a write cut short by a full disk or a kill) is dropped; the file is
+        rewritten atomically, like the checkpoints.
+        """
         path = self.out / "metrics.jsonl"
         if path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+            lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError as e:
+                    if number < len(lines):
+                        raise ValueError(
+                            f"{path}, line {number}: not a JSON record ({e}); delete the line "
+                            "to resume"
+                        ) from None
+                    self.say(f"dropped the torn last line of {path} (a write cut short)")
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                    kept.append(line + "\n")
+            write_atomically(path, lambda f: f.write("".join(kept).encode()))
         return path.open("a")
 
     def _autocast(self):
@@ -535,19 +739,47 @@ class Trainer:
         return value
 
     def _non_finite_message(self, what: str, value: float) -> str:
+        causes = [f"a learning rate too high (lr={self.config.lr}; try a smaller one or more "
+                  "warm-up)"]  # fmt: skip
+        if self.amp_dtype == torch.float16:
+            causes.append("fp16 overflow (try amp bf16 or off)")
+        causes.append("data outside [-1, 1]")
+        # self.step counts finished steps; the log numbers the one that failed self.step + 1.
         return (
-            f"step {self.step}: the {what} is {value}; training stopped and no checkpoint was "
-            f"written. Likely causes: a learning rate too high (lr={self.config.lr}; try a "
-            f"smaller one or more warm-up), fp16 overflow (amp={self.config.amp}; try bf16 or "
-            "off), or data outside [-1, 1]."
+            f"step {self.step + 1}: the {what} is {value}; training stopped and no checkpoint "
+            f"was written. Likely causes: {', '.join(causes)}."
         )
 
     def train(self) -> dict:
-        """Run until ``config.steps`` (or ``max_minutes``); returns a summary of the run."""
+        """Run until ``config.steps`` (or ``max_minutes``); returns a summary of the run.
+
+        The run folder is locked while it runs. SIGINT (Ctrl-C) and SIGTERM (what Colab, Slurm
+        and Kubernetes send) stop it after the step under way, with a checkpoint of that step; a
+        second signal during that checkpoint waits for it.
+
+        Raises:
+            TrainingInterrupted: after such a stop; it names the checkpoint.
+            RunFolderError: another process is training in the same folder.
+            NonFiniteLossError: the loss or a gradient became NaN or infinite.
+            OSError: a checkpoint or the log could not be written (the message says what is intact).
+        """
+        if self.is_main:
+            self._lock.acquire()
+        try:
+            with self._stop_signals():
+                return self._train()
+        finally:
+            self._lock.release()
+
+    def _train(self) -> dict:
         cfg = self.config
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            if self.overwrite:
+                removed = remove_run(self.out)
+                if removed:
+                    self.say(f"overwrite: removed {describe_run(removed)} from {self.out}")
+            config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+            write_atomically(self.out / "config.json", lambda f: f.write(config_text.encode()))
         self.say(
             f"training {self.model_name} ({count_parameters(self.model) / 1e6:.2f} M parameters) "
             f"on {cfg.data} ({len(self.dataset)} examples), device {self.device}, "
@@ -556,17 +788,20 @@ class Trainer:
         )
         start_step, started = self.step, time.perf_counter()
         window_loss, window_start, window_steps = 0.0, started, 0
+        images_per_step = min(cfg.batch_size, len(self.dataset))  # a small set is one whole batch
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="training")
         log_file = self._open_metrics_log() if self.is_main else None
-        last_loss = float("nan")
+        last_loss = None
         try:
             for x0 in self._batches():
+                if self._stop_requested():  # checked between steps: each step is whole
+                    break
                 window_loss += self.train_step(x0)
                 window_steps += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
-                    images_per_sec = window_steps * cfg.batch_size / (now - window_start)
+                    images_per_sec = window_steps * images_per_step / (now - window_start)
                     last_loss = window_loss / window_steps
                     record = {
                         "step": self.step,
@@ -576,8 +811,7 @@ class Trainer:
                         "elapsed_sec": round(now - started, 2),
                     }
                     if log_file:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
+                        self._append(log_file, record)
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_sec:.0f}")
                     window_loss, window_start, window_steps = 0.0, now, 0
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
@@ -592,17 +826,68 @@ class Trainer:
             if log_file:
                 log_file.close()
         elapsed = time.perf_counter() - started
-        final = self.save()
+        if self._saved_step != self.step:
+            final = self.save()
+        else:  # the step's checkpoint is on disk already
+            final = checkpoint_path(self.out, self.step) if self.is_main else None
+        if self._stop_signal is not None:
+            name = signal.Signals(self._stop_signal).name
+            raise TrainingInterrupted(
+                f"stopped by {name} after step {self.step}; checkpoint {final} (continue with "
+                "--resume)",
+                self._stop_signal,
+                final,
+            )
         grid = self.save_samples()
         self.say(f"done: step {self.step}, {elapsed:.1f} s, checkpoint {final}, samples {grid}")
         return {
             "steps": self.step,
             "steps_this_run": self.step - start_step,
             "seconds": elapsed,
-            "last_logged_loss": last_loss,
+            "last_logged_loss": last_loss,  # None when no step was logged
             "checkpoint": str(final) if final else None,
             "samples": str(grid) if grid else None,
         }
+
+    def _append(self, log_file, record: dict) -> None:
+        try:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"step {self.step}: writing {self.out / 'metrics.jsonl'} failed ({e.strerror}); "
+                "the checkpoints are intact and --resume drops a torn line",
+            ) from None
+
+    @contextmanager
+    def _stop_signals(self):
+        """While training, SIGINT and SIGTERM only ask for a stop; ``_train`` honours it between
+        steps. (Signal handlers can be set from the main thread only.)"""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signal_number, frame):
+            if self._stop_signal is None:
+                self._stop_signal = signal_number
+
+        previous = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived; under DDP, at any process (they all stop together)."""
+        if self.world_size == 1:
+            return self._stop_signal is not None
+        on_gpu = dist.get_backend() == "nccl"
+        flag = torch.tensor([self._stop_signal or 0], device=self.device if on_gpu else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_signal = int(flag.item()) or None
+        return self._stop_signal is not None
 
     def save_samples(self) -> Path | None:
         """Sample the EMA network with DDIM and save a grid (images) or a scatter plot (2-D)."""
@@ -627,8 +912,22 @@ class Trainer:
         return path
 
 
+def _one_line(error: Exception) -> Exception:
+    """A DataLoader worker's error reduced to its cause: torch appends the worker's traceback."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    cause = re.sub(r"^[\w.]+: ", "", lines[-1]) if lines else type(error).__name__
+    try:
+        return type(error)(cause)
+    except Exception:
+        return RuntimeError(cause)
+
+
+FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".gif", ".pdf")
+
+
 def save_sample_figure(x: torch.Tensor, path: Path) -> None:
-    """A grid of images, or a scatter plot of 2-D points, written to ``path``."""
+    """A grid of images, or a scatter plot of 2-D points, written to ``path`` (its extension,
+    one of ``FIGURE_FORMATS``, picks the format)."""
     if x.ndim == 4:
         from torchvision.utils import save_image
 

@@ -11,7 +11,7 @@ import torch
 
 from ddpm_lib import GaussianMixture, sample
 from ddpm_lib.checkpoint import (
-    CheckpointError,
+    RunFolderError,
     list_checkpoints,
     load_checkpoint,
     model_from_checkpoint,
@@ -157,8 +157,10 @@ def test_nan_loss_stops_training_and_writes_no_checkpoint(tmp_path):
     trainer.train_step(next(trainer._batches()))  # one good step
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))  # corrupt the network
-    with pytest.raises(NonFiniteLossError, match=r"step 1: the loss is nan.*lr="):
+    # The step that failed is step 2 of the metrics log (step 1 was the good one).
+    with pytest.raises(NonFiniteLossError, match=r"step 2: the loss is nan.*lr=") as info:
         trainer.train()
+    assert "fp16" not in str(info.value)  # AMP is off: no hint about fp16 overflow
     assert list_checkpoints(tmp_path) == []
 
 
@@ -170,7 +172,7 @@ def test_a_nan_gradient_is_caught_at_its_step(tmp_path):
         trainer.train_step(next(batches))
     weight = next(trainer.model.parameters())
     weight.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
-    with pytest.raises(NonFiniteLossError, match=r"step 3: the gradient norm is nan"):
+    with pytest.raises(NonFiniteLossError, match=r"step 4: the gradient norm is nan"):
         trainer.train_step(next(batches))
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
         with torch.no_grad():
@@ -184,7 +186,7 @@ def test_a_checkpoint_of_another_network_is_refused_on_resume(tmp_path):
         default_config("moons", steps=2, out=str(tmp_path), sample_n=2, sample_steps=2)
     ).train()
     other = default_config("moons", steps=4, out=str(tmp_path), model_config={"hidden": 64})
-    with pytest.raises(CheckpointError, match="differs"):
+    with pytest.raises(RunFolderError, match=r"model_config \{\} -> \{'hidden': 64\}"):
         quiet_trainer(other, resume=True)
 
 
@@ -207,6 +209,11 @@ BAD_CONFIGS = [
     (dict(grad_clip=-1.0), ValueError, "grad_clip"),
     (dict(image_size=9), ValueError, "image_size"),
     (dict(steps=2.5), TypeError, "steps"),
+    (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(grad_clip=float("inf")), ValueError, "grad_clip"),
+    (dict(max_minutes=float("nan")), ValueError, "max_minutes"),
+    (dict(data="folder"), ValueError, "data_root"),  # the image folder must be named
+    (dict(T=10, sample_steps=20), ValueError, "sample_steps"),
 ]
 
 
@@ -297,3 +304,64 @@ def test_saving_a_scatter_leaves_the_plotting_backend_alone(tmp_path):
     save_sample_figure(torch.randn(50, 2), tmp_path / "points.png")
     assert (tmp_path / "points.png").stat().st_size > 0
     assert matplotlib.get_backend() == before
+
+
+def test_the_nan_message_suggests_fp16_only_when_fp16_is_on(tmp_path):
+    config = default_config("moons", steps=5, batch_size=16, out=str(tmp_path), amp="fp16")
+    trainer = quiet_trainer(config)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"step 1: the loss is nan.*fp16 overflow"):
+        trainer.train()
+
+
+def test_a_short_chain_samples_with_all_its_steps_unless_told_otherwise():
+    assert default_config("moons", T=1).sample_steps == 1  # --T 1 alone is a valid run
+    assert default_config("moons", T=20).sample_steps == 20
+    assert default_config("moons").sample_steps == 50
+    with pytest.raises(ValueError, match=r"^sample_steps must be an integer in \[1, T=1\]"):
+        default_config("moons", T=1, sample_steps=5).validate()
+
+
+def test_images_per_second_counts_the_images_a_step_really_sees(tmp_path):
+    config = default_config("moons", steps=4, batch_size=64, n_data=10, log_every=2,
+                            sample_n=2, sample_steps=2, out=str(tmp_path))  # fmt: skip
+    quiet_trainer(config).train()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in records:  # 10 points a step, not 64: rate = 2 steps x 10 / the window's seconds
+        window = r["elapsed_sec"] - (records[0]["elapsed_sec"] if r is not records[0] else 0)
+        assert r["images_per_sec"] < 2 * 10 / max(window, 1e-9) * 1.5
+
+
+def test_a_run_too_short_to_log_gives_a_valid_json_summary(tmp_path):
+    config = default_config("moons", steps=2, batch_size=16, log_every=50, sample_n=2,
+                            sample_steps=2, out=str(tmp_path))  # fmt: skip
+    summary = quiet_trainer(config).train()
+    assert summary["last_logged_loss"] is None
+    json.loads(json.dumps(summary, allow_nan=False))
+
+
+def test_a_device_torch_does_not_have_is_refused_before_any_work(tmp_path, monkeypatch):
+    import ddpm_lib.training as training
+
+    monkeypatch.setattr(training, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match=r"^device='mps' was asked for, but torch sees no"):
+            quiet_trainer(default_config("moons", device="mps", out=str(tmp_path)))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device='cuda' was asked for"):
+            quiet_trainer(default_config("moons", device="cuda", out=str(tmp_path)))
+
+
+def test_a_network_too_large_for_memory_is_refused_before_allocating_it(tmp_path, monkeypatch):
+    import ddpm_lib.training as training
+
+    monkeypatch.setattr(training, "build_model", lambda *a, **k: pytest.fail("allocated"))
+    huge = {"base_channels": 4096, "channel_mult": [1, 2, 4, 8], "attention_resolutions": []}
+    config = default_config("digits", out=str(tmp_path), model_config=huge)
+    with pytest.raises(ValueError, match=r"^model_config: the unet network has [\d,]+ parameters"):
+        quiet_trainer(config)
+    # The estimate is weights, gradients, two Adam moments and the EMA copy at 4 bytes each.
+    monkeypatch.setattr(training, "free_memory", lambda device: 1_000_000)
+    with pytest.raises(ValueError, match=r"need about 0\.0 GB .* more than the 0\.0 GB free"):
+        quiet_trainer(default_config("moons", out=str(tmp_path)))
