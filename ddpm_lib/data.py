@@ -15,12 +15,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
 
 from ddpm_lib._checks import check_choice, check_int, check_real
 from ddpm_lib.mixture import GaussianMixture
@@ -51,6 +53,10 @@ _INFO = {  # name -> (kind, channels, image_size, num_classes)
 
 class DatasetNotFoundError(FileNotFoundError):
     """A data set's files are not on disk (and downloading was not asked for)."""
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (truncated, corrupt, too large); names the file."""
 
 
 def cache_root() -> Path:
@@ -282,14 +288,30 @@ class ImageFolderDataset(Dataset):
 
     Explained in chapter 3. Files with the extensions in ``IMAGE_EXTENSIONS`` are read in sorted
     order; each item is ``(x, -1)`` with x of shape (channels, image_size, image_size) in [-1, 1].
+    8-bit images are scaled from [0, 255], 16-bit ones from [0, 65535]. Every file is checked
+    once when the data set is made (see ``verify``): a broken image stops a run before it
+    starts, not hours into it.
 
     Args:
         root: folder to search.
         image_size: side of the square images, >= 1.
         channels: 3 (RGB) or 1 (grey).
+        verify: check every file now.
+        progress: show a progress bar while checking (default: for more than 1000 files).
+
+    Raises:
+        UnreadableImageError: a file that cannot be decoded or is too large; names the file.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        channels: int = 3,
+        *,
+        verify: bool = True,
+        progress: bool | None = None,
+    ) -> None:
         self.root = Path(root).expanduser()
         self.image_size = check_int("image_size", image_size, low=1)
         self.channels = check_int("channels", channels, low=1, high=3)
@@ -304,6 +326,25 @@ class ImageFolderDataset(Dataset):
             raise DatasetNotFoundError(
                 f"no image ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root} or its subfolders"
             )
+        if verify:
+            self.verify(progress=len(self.files) > 1000 if progress is None else progress)
+
+    def verify(self, progress: bool = False) -> None:
+        """Read every file once, cheaply: PNG chunk checksums, JPEG decoded at 1/8 size (which
+        still reads every byte), other formats decoded.
+
+        Raises:
+            UnreadableImageError: the first broken file, named.
+        """
+        from PIL import Image
+
+        for path in tqdm(self.files, desc="checking images", disable=not progress, leave=False):
+            with _named_errors(path), Image.open(path) as image:
+                if image.format == "PNG":
+                    image.verify()
+                else:
+                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                    image.load()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -311,14 +352,36 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from PIL import Image, ImageOps
 
-        with Image.open(self.files[index]) as image:
-            image = image.convert("RGB" if self.channels == 3 else "L")
-            size = (self.image_size, self.image_size)
+        size = (self.image_size, self.image_size)
+        with _named_errors(self.files[index]), Image.open(self.files[index]) as image:
+            if image.mode.startswith("I"):  # 16-bit grey: convert("L") would clip it at 255
+                grey = np.asarray(image, dtype=np.float32).clip(0, 65535) / 65535
+                image, dtype = Image.fromarray(grey, mode="F"), np.float32
+            else:
+                image, dtype = image.convert("RGB" if self.channels == 3 else "L"), np.uint8
             image = ImageOps.fit(image, size, method=Image.Resampling.BICUBIC)  # centre crop
-            pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+            pixels = torch.from_numpy(np.array(image, dtype=dtype))
         if pixels.ndim == 2:
-            pixels = pixels[:, :, None]  # (H, W) -> (H, W, 1)
-        return to_unit_range(pixels.permute(2, 0, 1), 255), -1  # (H, W, C) -> (C, H, W)
+            pixels = pixels[:, :, None].expand(-1, -1, self.channels)  # (H, W) -> (H, W, C)
+        x = pixels.permute(2, 0, 1).float()  # (H, W, C) -> (C, H, W)
+        x = x.clamp(0, 1) if dtype == np.float32 else x / 255  # bicubic overshoots in float
+        return x * 2 - 1, -1
+
+
+@contextmanager
+def _named_errors(path: Path):
+    """Any failure to decode ``path`` as one line that names it."""
+    from PIL import Image
+
+    try:
+        yield
+    except Image.DecompressionBombError as e:  # PIL refuses images above 2 x MAX_IMAGE_PIXELS
+        raise UnreadableImageError(
+            f"{path}: too large to load ({e.args[0].split(',')[0]}); resize it or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's ways of saying "broken"
+        raise UnreadableImageError(f"{path}: unreadable image ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -259,3 +259,105 @@ def test_bad_names_and_arguments_are_rejected():
         load_dataset("moons", image_size=8)
     with pytest.raises(ValueError, match="n must be"):
         load_dataset("digits", n=0)
+
+
+# --- broken, huge and 16-bit images --------------------------------------------------------------
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height grey pixels and holds almost none: 100 bytes on disk."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+TINY_UNET = {"base_channels": 8, "channel_mult": [1], "attention_resolutions": [], "num_groups": 4}
+
+
+def _good_images(folder: Path, n: int = 3) -> None:
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / f"good_{i}.png")
+
+
+@pytest.mark.parametrize("kind", ["png cut in half", "jpeg cut short", "not an image"])
+def test_a_broken_image_is_named_when_the_folder_is_opened(tmp_path, kind):
+    from ddpm_lib.data import UnreadableImageError
+
+    _good_images(tmp_path)
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(tmp_path / "photo.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "photo.jpg", quality=90
+    )
+    broken = {"png cut in half": "photo.png", "jpeg cut short": "photo.jpg"}.get(kind, "x.webp")
+    data = (tmp_path / broken).read_bytes() if broken != "x.webp" else b"not an image at all"
+    (tmp_path / broken).write_bytes(data[: len(data) // 2] if broken != "x.webp" else data)
+    with pytest.raises(UnreadableImageError) as info:
+        ImageFolderDataset(tmp_path, image_size=8)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / broken}: unreadable image") and "\n" not in message
+
+
+def test_a_broken_image_stops_a_run_before_training_starts(tmp_path):
+    from ddpm_lib.data import UnreadableImageError
+    from ddpm_lib.training import Trainer, default_config
+
+    images = tmp_path / "images"
+    _good_images(images)
+    (images / "zz_broken.png").write_bytes((images / "good_0.png").read_bytes()[:40])
+    config = default_config("folder", data_root=str(images), image_size=8, out=str(tmp_path / "r"),
+                            model_config=TINY_UNET)  # fmt: skip
+    with pytest.raises(UnreadableImageError, match=rf"^{images / 'zz_broken.png'}: "):
+        Trainer(config, progress=False, log=None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path):
+    from ddpm_lib.data import UnreadableImageError
+
+    _good_images(tmp_path)
+    _png_header_only(tmp_path / "huge.png", 30_000, 30_000)  # 900 M pixels declared
+    with pytest.raises(UnreadableImageError) as info:
+        ImageFolderDataset(tmp_path, image_size=8)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'huge.png'}: too large to load") and "\n" not in message
+    assert "MAX_IMAGE_PIXELS" in message
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_are_scaled_from_their_real_range(tmp_path, channels):
+    values = np.full((16, 16), 1000, dtype=np.uint16)  # dark: 1000 of 65535
+    values[:, 8:] = 65535  # right half white
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    x, _ = ImageFolderDataset(tmp_path, image_size=16, channels=channels)[0]
+    assert x.shape == (channels, 16, 16)
+    torch.testing.assert_close(x[:, 4, 2], torch.full((channels,), 2 * 1000 / 65535 - 1))
+    torch.testing.assert_close(x[:, 4, 13], torch.ones(channels))
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_a_data_loader_worker_error_is_reported_as_its_one_line_cause(tmp_path):
+    from ddpm_lib.training import Trainer, default_config
+
+    images = tmp_path / "images"
+    _good_images(images, n=8)
+    config = default_config(
+        "folder", data_root=str(images), image_size=8, out=str(tmp_path / "r"), num_workers=1,
+        batch_size=8, steps=3, sample_n=2, sample_steps=2, model_config=TINY_UNET,
+    )  # fmt: skip
+    trainer = Trainer(config, progress=False, log=None)
+    (images / "good_3.png").unlink()  # gone after the check: a worker meets it mid-run
+    with pytest.raises(Exception) as info:
+        trainer.train()
+    message = str(info.value)
+    assert str(images / "good_3.png") in message and "\n" not in message, message
+    assert "Traceback" not in message
