@@ -148,3 +148,106 @@ def test_the_command_runs_torch_with_passive_openmp_threads(argv0, user_value, e
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(expected)
+
+
+# --- mistakes caught before any work, in this process (no subprocess start-up) -------------------
+
+
+@pytest.fixture(scope="module")
+def moons_checkpoint(tmp_path_factory):
+    from ddpm_lib.training import Trainer, default_config
+
+    out = tmp_path_factory.mktemp("moons")
+    config = default_config(
+        "moons", steps=2, batch_size=16, sample_n=2, sample_steps=2, out=str(out)
+    )
+    return Trainer(config, progress=False, log=None).train()["checkpoint"]
+
+
+def run_main(capsys, *args):
+    from ddpm_lib.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    import ddpm_lib.samplers
+
+    monkeypatch.setattr(ddpm_lib.samplers, "sample", lambda *a, **k: pytest.fail("sampled"))
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path, moons_checkpoint, capsys, no_sampling):
+    from pathlib import Path
+
+    before = Path(moons_checkpoint).read_bytes()
+    cases = [
+        (["sample", "--checkpoint", moons_checkpoint, "--out", tmp_path / "g.png",
+          "--save-tensor", moons_checkpoint], "save_tensor"),
+        (["sample", "--checkpoint", moons_checkpoint, "--out", tmp_path / "g.png",
+          "--save-tensor", tmp_path / "g.png"], "save_tensor"),
+        (["bpd", "--checkpoint", moons_checkpoint, "--save-terms", moons_checkpoint],
+         "save_terms"),
+    ]  # fmt: skip
+    for args, name in cases:
+        code, _, err = run_main(capsys, *args)
+        assert code == 1 and err.startswith(f"ddpm {args[0]}: error: {name} "), err
+        assert len(err.strip().splitlines()) == 1
+    assert Path(moons_checkpoint).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--out", "grid.svgz"], "out must end in one of .png, .jpg"),
+        (["--save-tensor", "no/such/folder/x.pt"], "save_tensor: the folder no/such/folder does"),
+        (["--eta", "inf"], "eta must be a finite number"),
+        (["--sampler", "euler"], "sampler must be one of"),
+        (["--judge"], "judge applies to 8x8 digits only, but"),
+    ],
+)
+def test_sample_mistakes_are_refused_before_sampling(
+    tmp_path, moons_checkpoint, capsys, no_sampling, extra, expected
+):
+    args = ["sample", "--checkpoint", moons_checkpoint, "--out", tmp_path / "g.png", *extra]
+    code, _, err = run_main(capsys, *args)
+    assert code == 1 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_a_missing_device_is_one_line(tmp_path, capsys, moons_checkpoint):
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    code, _, err = run_main(capsys, "sample", "--checkpoint", moons_checkpoint, "--device", "mps")
+    assert code == 1 and "device='mps' was asked for, but torch sees no" in err
+    code, _, err = run_main(capsys, "train", "--device", "mps", "--out", tmp_path / "r")
+    assert code == 1 and "device='mps'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_mistakes_name_the_option(tmp_path, capsys):
+    code, _, err = run_main(capsys, "train", "--data", "folder", "--out", tmp_path / "f")
+    assert code == 1 and "data_root must name the image folder" in err and "--data-root" in err
+    huge = '{"base_channels": 8192, "channel_mult": [1, 2, 4, 8], "attention_resolutions": []}'
+    code, _, err = run_main(capsys, "train", "--model-config", huge, "--out", tmp_path / "h")
+    assert code == 1 and "model_config: the unet network has" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_main(capsys, "train", "--lr", "inf", "--out", tmp_path / "i")
+    assert code == 1 and "lr must be a finite number" in err
+    assert not any((tmp_path / name).exists() for name in "fhi")
+
+
+def test_a_one_step_chain_and_a_short_run_give_a_valid_summary(tmp_path, capsys):
+    """--T 1 needs no --sample-steps; a run shorter than --log-every prints strict JSON."""
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    args = ["train", "--data", "moons", "--T", "1", "--steps", "2", "--out", tmp_path, "--quiet"]
+    code, out, err = run_main(capsys, *args, "--batch-size", "16", "--sample-n", "2")
+    assert code == 0, err
+    summary = json.loads(out.splitlines()[-1], parse_constant=strict)
+    assert summary["steps"] == 2 and summary["last_logged_loss"] is None
