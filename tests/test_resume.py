@@ -1,5 +1,6 @@
 """Training never loses work: a run killed with SIGKILL and resumed ends bit-identical to one that
-was never interrupted, wherever the kill lands, including in the middle of a checkpoint write."""
+was never interrupted, wherever the kill lands, including in the middle of a checkpoint write; a run
+stopped by SIGINT or SIGTERM finishes its step, checkpoints it and resumes exactly from there."""
 
 import random
 import signal
@@ -23,6 +24,8 @@ TRAIN_ARGS = [
 #   step N        right after optimisation step N (between checkpoints)
 #   half-write N  while writing the checkpoint of step N, half of the bytes on disk
 #   pre-rename N  after the temporary file of step N is complete, before os.replace
+#   sigterm N / sigint N   sends itself that signal during optimisation step N
+#   signal-in-save N       SIGTERM during step N, then SIGINT while that step's checkpoint is saved
 DRIVER = textwrap.dedent(
     """
     import os, signal, sys
@@ -36,6 +39,21 @@ DRIVER = textwrap.dedent(
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
+    if mode in ("sigterm", "sigint", "signal-in-save"):
+        original_step = training.Trainer.train_step
+        first = signal.SIGINT if mode == "sigint" else signal.SIGTERM
+        def train_step(self, x0):
+            if self.step == at - 1:
+                os.kill(os.getpid(), first)  # arrives in the middle of the step
+            return original_step(self, x0)
+        training.Trainer.train_step = train_step
+    if mode == "signal-in-save":
+        original_save = torch.save
+        def save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("step") == at:
+                os.kill(os.getpid(), signal.SIGINT)  # a second signal, impatient
+            return original_save(obj, f, *args, **kwargs)
+        torch.save = save
     if mode == "step":
         original_step = training.Trainer.train_step
         def train_step(self, x0):
@@ -161,3 +179,31 @@ def test_resume_never_silently_starts_over_when_checkpoints_are_unreadable(tmp_p
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "none loads" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,number", [("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)])
+def test_a_stop_signal_finishes_the_step_checkpoints_it_and_resumes_exactly(
+    tmp_path, reference, mode, number
+):
+    stopped = run_ddpm([*TRAIN_ARGS, "--out", tmp_path], driver=[mode, "6"])
+    assert stopped.returncode == 128 + number, stopped.stderr
+    assert stopped.stderr.strip() == (
+        f"ddpm train: stopped by {signal.Signals(number).name} after step 6; checkpoint "
+        f"{checkpoint_path(tmp_path, 6)} (continue with --resume)"
+    )
+    assert load_checkpoint(checkpoint_path(tmp_path, 6))["step"] == 6
+
+    resumed = run_ddpm([*TRAIN_ARGS, "--out", tmp_path, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {checkpoint_path(tmp_path, 6)} at step 6" in resumed.stdout
+    assert_bit_identical(reference, final_state(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_second_signal_during_the_checkpoint_is_honoured_after_it(tmp_path):
+    stopped = run_ddpm([*TRAIN_ARGS, "--out", tmp_path], driver=["signal-in-save", "6"])
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert len(stopped.stderr.strip().splitlines()) == 1 and "Traceback" not in stopped.stderr
+    assert load_checkpoint(checkpoint_path(tmp_path, 6))["step"] == 6  # whole, not torn
+    assert not list(tmp_path.glob(".ckpt_*.tmp"))
