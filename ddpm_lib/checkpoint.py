@@ -145,8 +145,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # The safe unpickler's reason follows a generic preamble about weights_only.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), -1)
+        first_line = (lines[marker + 1 :] or lines or [type(e).__name__])[0]
+        if re.search("unsupported global", str(e), re.IGNORECASE):  # something to import and run
             problem = "refused to load: the file holds objects other than tensors and plain data"
         else:
             problem = f"unreadable (truncated or corrupt?): {type(e).__name__}: {first_line}"

@@ -84,9 +84,10 @@ class Profile:
         config = TrainConfig.from_dict({**config.to_dict(), "out": str(folder)})
         wanted = {k: v for k, v in config.to_dict().items() if k != "out"}
         try:
-            found, fresh = latest_valid_checkpoint(folder), False
+            found = latest_valid_checkpoint(folder)
         except CheckpointError:  # checkpoints, none of which loads: start over
-            found, fresh = None, True
+            found = None
+        fresh = True  # no checkpoint, or one of another config: delete what is there, train anew
         if found is not None:
             path, state = found
             saved = {k: v for k, v in state["config"].items() if k != "out"}
@@ -94,7 +95,7 @@ class Profile:
                 log(f"loaded the cached run {name!r} (step {state['step']}) from {path}")
                 model, schedule = model_from_checkpoint(state, path=path)
                 return model.to(self.device), schedule.to(self.device), state
-            fresh = saved != wanted  # another config: that run is deleted, not resumed
+            fresh = saved != wanted  # the same run, unfinished: resume it
         trainer = Trainer(config, resume=not fresh, overwrite=fresh, progress=progress, log=log)
         trainer.train()
         state = trainer.state_dict()

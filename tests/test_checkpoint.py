@@ -394,3 +394,13 @@ def test_the_cli_refuses_crafted_and_nan_checkpoints_in_one_line(
         assert code == 1, (kind, err)
         assert len(err.strip().splitlines()) == 1 and str(path) in err, (kind, err)
         assert not (tmp_path / "g.png").exists(), kind
+
+
+def test_garbage_is_called_damaged_not_unsafe(tmp_path):
+    path = tmp_path / "ckpt_00000002.pt"
+    path.write_bytes(b"damaged")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (
+        f"{path}: unreadable (truncated or corrupt?): UnpicklingError: Unsupported operand 100"
+    )

@@ -39,3 +39,36 @@ def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch):
     other = default_config("moons", steps=4, batch_size=16, sample_n=2, sample_steps=2)
     _, _, state3 = P.load_or_train("toy", other, progress=False, log=messages.append)
     assert state3["step"] == 4 and state3["config"]["steps"] == 4
+
+
+def test_load_or_train_resumes_an_unfinished_run_and_replaces_a_broken_one(tmp_path, monkeypatch):
+    from ddpm_lib.checkpoint import checkpoint_path
+    from ddpm_lib.training import Trainer
+
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    P = Profile("smoke")
+    config = default_config("moons", steps=4, batch_size=16, sample_n=2, sample_steps=2,
+                            checkpoint_every=2)  # fmt: skip
+    folder = P.run_folder("toy")
+
+    class Unplugged(Trainer):  # the kernel died after step 3 of 4
+        def train_step(self, x0):
+            loss = super().train_step(x0)
+            if self.step == 3:
+                raise KeyboardInterrupt
+            return loss
+
+    unfinished = default_config(**{**config.to_dict(), "out": str(folder)})
+    with pytest.raises(KeyboardInterrupt):
+        Unplugged(unfinished, progress=False, log=None).train()
+    messages = []
+    _, _, state = P.load_or_train("toy", config, progress=False, log=messages.append)
+    assert state["step"] == 4 and f"resuming from {checkpoint_path(folder, 2)}" in messages[0]
+
+    # Checkpoints that no longer load, and a config.json of another run: trained afresh.
+    for path in folder.glob("ckpt_*.pt"):
+        path.write_bytes(b"damaged")
+    (folder / "config.json").write_text('{"data": "ring", "lr": 1.0}')
+    messages.clear()
+    _, _, state = P.load_or_train("toy", config, progress=False, log=messages.append)
+    assert state["step"] == 4 and messages[0].startswith("overwrite: removed config.json")
