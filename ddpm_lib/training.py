@@ -421,7 +421,8 @@ class Trainer:
         # Seeded before the network is built: the initial weights are a function of the seed.
         self._seed_everything(config.seed + self.rank)
         # Build the network on the CPU first: a bad image size fails here, before any data loads.
-        model = build_model(self.model_name, **self.model_config)
+        with self._allocation_errors():
+            model = build_model(self.model_name, **self.model_config)
 
         if self.world_size > 1 and not dist.is_initialized():
             backend = (
@@ -450,7 +451,8 @@ class Trainer:
             config.channels_last == "on"
             or (config.channels_last == "auto" and self.device.type == "cuda")
         )
-        model = model.to(self.device)
+        with self._allocation_errors():
+            model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the bare network: its state is what checkpoints hold
@@ -530,6 +532,22 @@ class Trainer:
                 f"EMA copy), more than the {free / 1e9:.1f} GB free on {self.device}; choose a "
                 "smaller network"
             )
+
+    @contextmanager
+    def _allocation_errors(self):
+        """The allocator's refusal (which the estimate can miss: memory taken by others) as the
+        same one-line error."""
+        try:
+            yield
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and (
+                "can't allocate memory" not in str(e)
+            ):
+                raise
+            raise ValueError(
+                f"model_config: the {self.model_name} network does not fit in the free memory "
+                f"of {self.device} ({str(e).splitlines()[0][:200]}); choose a smaller network"
+            ) from None
 
     def _model_config(self, info: dict) -> dict:
         cfg = dict(self.config.model_config)

@@ -365,3 +365,18 @@ def test_a_network_too_large_for_memory_is_refused_before_allocating_it(tmp_path
     monkeypatch.setattr(training, "free_memory", lambda device: 1_000_000)
     with pytest.raises(ValueError, match=r"need about 0\.0 GB .* more than the 0\.0 GB free"):
         quiet_trainer(default_config("moons", out=str(tmp_path)))
+
+
+def test_an_allocator_refusal_is_the_same_one_line_error(tmp_path, monkeypatch):
+    import ddpm_lib.training as training
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 40000000000000 bytes. Error code 12"
+        )
+
+    monkeypatch.setattr(training, "build_model", refuse)
+    with pytest.raises(ValueError, match=r"^model_config: the mlp network does not fit") as info:
+        quiet_trainer(default_config("moons", out=str(tmp_path)))
+    assert "\n" not in str(info.value)
