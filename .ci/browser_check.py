@@ -2,7 +2,8 @@
 
 Checks per page: every request stays inside the site (anything else is blocked and reported);
 math is typeset by MathJax (its output elements present, no raw TeX left in the visible text);
-every image has loaded; every animation shows its controls; the console has no errors. Also
+every image has loaded; every animation shows its controls; no code cell needs a horizontal
+scroll bar; the console has no errors. Also
 reports the width of the text column, which `ddpm_lib.plotting.PAGE_WIDTH` is sized for.
 
 Usage (after `make book`): `make browser-check`, or python .ci/browser_check.py [_build/html]
@@ -30,6 +31,7 @@ FLAGS = [
 RAW_TEX = re.compile(r"\\\(|\\\[|\$\$")
 
 PAGE_REPORT = """() => {
+    document.querySelectorAll("details").forEach(d => { d.open = true; });  // folded code too
     const visible = document.querySelector("article")?.innerText ?? document.body.innerText;
     const images = [...document.querySelectorAll("article img")];
     const animations = [...document.querySelectorAll("div.animation")];
@@ -44,6 +46,9 @@ PAGE_REPORT = """() => {
         withControls: animations.filter(a =>
             a.querySelector(".anim-buttons button") && a.querySelector("input[type=range]")).length,
         column: Math.round(column),
+        wideCode: [...document.querySelectorAll("div.cell_input pre")]
+            .filter(p => p.scrollWidth > p.clientWidth + 1)
+            .map(p => p.innerText.split("\\n").reduce((a, b) => (b.length > a.length ? b : a), "")),
     };
 }"""
 
@@ -75,6 +80,7 @@ def check_page(browser, page_path: Path) -> list[str]:
     if raw:
         problems.append(f"raw TeX in the text: ...{r['text'][raw.start() - 40 : raw.end() + 40]!r}")
     problems += [f"image not loaded: {src}" for src in r["broken"]]
+    problems += [f"code wider than the column: {line!r}" for line in r["wideCode"]]
     if r["withControls"] < r["animations"]:
         problems.append(f"animations with controls {r['withControls']} of {r['animations']}")
     summary = (

@@ -82,7 +82,10 @@ def show_images(
     if ax is None:
         height, width = grid.shape[:2]
         inches = min(IMAGE_PIXEL, PAGE_WIDTH / width)
-        _, ax = plt.subplots(figsize=(width * inches, height * inches + (0.35 if title else 0)))
+        title_inches = 0.35 if title else 0.0
+        fig = plt.figure(figsize=(width * inches, height * inches + title_inches))
+        # The grid fills the figure (no subplot margins), so one pixel is `inches` wide.
+        ax = fig.add_axes((0, 0, 1, height * inches / (height * inches + title_inches)))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
