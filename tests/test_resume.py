@@ -18,6 +18,7 @@ TRAIN_ARGS = [
     "train", "--data", "digits", "--steps", str(STEPS), "--batch-size", "16",
     "--checkpoint-every", "4", "--keep-checkpoints", "3", "--log-every", "2",
     "--sample-n", "4", "--sample-steps", "2", "--quiet",
+    "--device", "cpu",  # bit for bit is a CPU promise: GPU kernels may sum in any order
 ]  # fmt: skip
 
 # A driver that runs the ddpm command, but SIGKILLs itself at a chosen moment:
