@@ -209,7 +209,8 @@ def judge_digits(
 
 
 def format_judgement(judgement: dict, confidence: float = 0.9) -> str:
-    """One line for a printout, e.g. ``500 samples: 93.0% clear digits (p >= 0.9); 0-9: 10 9 ...%``.
+    """One printout line (83 characters for three-digit counts), for example
+    ``500 samples, 93.0% clear (p >= 0.9); classes 0-9 (%): 10 9 11 ...``.
 
     Args:
         judgement: the result of ``judge_digits``.
@@ -217,7 +218,7 @@ def format_judgement(judgement: dict, confidence: float = 0.9) -> str:
     """
     shares = " ".join(f"{100 * s:.0f}" for s in judgement["class_histogram"])
     return (
-        f"{judgement['n']} samples: {100 * judgement['confident_share']:.1f}% clear digits "
+        f"{judgement['n']} samples, {100 * judgement['confident_share']:.1f}% clear "
         f"(p >= {confidence:g}); classes 0-9 (%): {shares}"
     )
 

@@ -93,6 +93,28 @@ def show_images(
     return ax
 
 
+def show_image_rows(
+    batches: Sequence[tuple[str, torch.Tensor]], ncol: int = 12, nrow: int = 1
+) -> plt.Figure:
+    """Each ``(title, images)`` as a titled grid of ``ncol`` x ``nrow`` images, one under another.
+
+    Every grid keeps ``IMAGE_PIXEL`` inches per image pixel, so rows of samples from different
+    settings compare at the same size.
+    """
+    first = batches[0][1]
+    width = (ncol * (first.shape[-1] + 1) + 1) * IMAGE_PIXEL
+    height = (nrow * (first.shape[-2] + 1) + 1) * IMAGE_PIXEL
+    title, gap = 0.4, 0.45  # inches above each grid
+    total = len(batches) * height + (len(batches) - 1) * gap + title + 0.05
+    fig, axes = plt.subplots(len(batches), 1, figsize=(width, total), squeeze=False)
+    for ax, (name, images) in zip(axes[:, 0], batches, strict=True):
+        show_images(images[: ncol * nrow], nrow=ncol, ax=ax, title=name)
+    fig.subplots_adjust(
+        left=0, right=1, bottom=0.05 / total, top=1 - title / total, hspace=gap / height
+    )
+    return fig
+
+
 def scatter(
     points: torch.Tensor,
     ax: Axes | None = None,

@@ -113,5 +113,6 @@ def test_format_judgement_is_one_line():
     judgement = dict(confident_share=0.934, class_histogram=[0.1] * 10, n=500)
     line = format_judgement(judgement)
     assert line == (
-        "500 samples: 93.4% clear digits (p >= 0.9); classes 0-9 (%): 10 10 10 10 10 10 10 10 10 10"
+        "500 samples, 93.4% clear (p >= 0.9); classes 0-9 (%): 10 10 10 10 10 10 10 10 10 10"
     )
+    assert len(line) <= 88  # fits a code-output line of the book

@@ -1,5 +1,6 @@
 """The book's plotting helpers: grids tile correctly, animations are self-contained HTML."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -48,3 +49,23 @@ def test_claims_table_has_a_verdict_column_and_refuses_other_verdicts():
         claims_table([("c", "sec", "1", "mostly true")])
     with pytest.raises(ValueError, match=r"rows\[0\] must have 4 cells"):
         claims_table([("c", "sec", "1")])
+
+
+def test_image_rows_keep_one_size_per_image_pixel_and_a_title_each():
+    from ddpm_lib.plotting import IMAGE_PIXEL, show_image_rows
+
+    batches = [("first", torch.zeros(30, 1, 8, 8)), ("second", torch.ones(30, 1, 8, 8))]
+    fig = show_image_rows(batches, ncol=12, nrow=2)
+    try:
+        width_inches = fig.get_size_inches()[0]
+        for ax, (title, _) in zip(fig.axes, batches, strict=True):
+            assert ax.get_title() == title
+            shown = ax.get_images()[0].get_array().shape  # (rows, cols) of the tiled grid
+            assert shown == (2 * 9 + 1, 12 * 9 + 1)  # only ncol x nrow images, 1 px apart
+            box = ax.get_position()  # in figure fractions
+            assert box.width * width_inches == pytest.approx(shown[1] * IMAGE_PIXEL, rel=1e-6)
+            assert box.height * fig.get_size_inches()[1] == pytest.approx(
+                shown[0] * IMAGE_PIXEL, rel=1e-6
+            )
+    finally:
+        plt.close(fig)
