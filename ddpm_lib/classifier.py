@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_lib._checks import check_int, check_real, check_tensor
-from ddpm_lib.checkpoint import save_checkpoint
+from ddpm_lib._io import atomic_save
 from ddpm_lib.data import cache_root, load_digits
 
 CLASSIFIER_FILE = "digits_classifier_v1.pt"  # bump the version when the network or training changes
@@ -167,7 +167,7 @@ def load_digits_classifier(
 
     model = train_digits_classifier()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model.state_dict(), path)
+    atomic_save(model.state_dict(), path)
     return model
 
 
