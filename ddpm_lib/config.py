@@ -182,13 +182,18 @@ def option_help(name: str) -> str:
 
 def option_type(name: str) -> type:
     """The type of ``TrainConfig`` option ``name``, from its annotation (``int | None`` -> int)."""
-    kind = typing.get_type_hints(TrainConfig)[name]
+    kind = _annotations()[name]
     return next((a for a in typing.get_args(kind) if a is not type(None)), kind)
 
 
 @functools.cache
 def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+@functools.cache
+def _annotations() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)  # the annotations are strings until resolved
 
 
 # Per data set: what a good run looks like on the hardware that usually trains it. The digits
