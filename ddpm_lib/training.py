@@ -120,19 +120,20 @@ class Trainer:
         """One optimisation step of Algorithm 1; returns the loss."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        noise = self.noise_generator
         with autocast(self.device, self.amp_dtype):
-            loss = diffusion_loss(self.net, self.schedule, x0, generator=self.noise_generator)
+            loss = diffusion_loss(self.net, self.schedule, x0, generator=noise)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        # The step's one device sync: the loss for the log and both NaN guards, before any update.
+        # The step's one device sync: the loss to log and both NaN guards, pre-update.
         value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
         if not math.isfinite(value):
             raise NonFiniteLossError(_non_finite_message("loss", value, self))
         if not math.isfinite(norm) and not self.scaler.is_enabled():
-            # With fp16 an overflow is expected now and then: the scaler skips that step.
+            # fp16 overflows now and then, as expected: the scaler skips that step.
             raise NonFiniteLossError(_non_finite_message("gradient norm", norm, self))
         self.scaler.step(self.optimizer)
         self.scaler.update()
