@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ddpm_lib._checks import check_choice, check_int, check_tensor
 from ddpm_lib.classifier import load_digits_classifier
-from ddpm_lib.diffusion import predict_x0, q_sample
+from ddpm_lib.diffusion import posterior_mean, predict_x0, q_sample
 from ddpm_lib.schedule import NoiseSchedule, extract
 
 LN2 = math.log(2.0)
@@ -194,9 +194,7 @@ def variational_bound(
                 x0_pred = x0_pred.clamp(-1.0, 1.0)
             # The model's reverse mean is the posterior mean with x_0 replaced by its prediction
             # (Ho et al. eq. 7 and 11).
-            coef_x0 = extract(schedule.posterior_mean_coef_x0, t, chunk.shape)
-            coef_xt = extract(schedule.posterior_mean_coef_xt, t, chunk.shape)
-            model_mean = coef_x0 * x0_pred + coef_xt * x_t
+            model_mean = posterior_mean(schedule, x0_pred, x_t, t)
             model_log_var = extract(log_var, t, chunk.shape)
             if step == 0:  # L_0 = -log p(x_0 | x_1)
                 if levels is None:
@@ -210,7 +208,7 @@ def variational_bound(
                         chunk, model_mean, 0.5 * model_log_var, levels
                     )
             else:  # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
-                true_mean = coef_x0 * chunk + coef_xt * x_t
+                true_mean = posterior_mean(schedule, chunk, x_t, t)
                 true_log_var = extract(schedule.posterior_log_variance_clipped, t, chunk.shape)
                 term = normal_kl(true_mean, true_log_var, model_mean, model_log_var)
             chunk_terms[:, step] = term.flatten(1).sum(dim=1) / (dims * LN2)  # nats -> bits/dim
