@@ -4,7 +4,7 @@
   bits per dimension, term by term: the prior term L_T, the KL terms L_{t-1} and the decoder L_0,
   a discretised Gaussian for data on K levels (256 for 8-bit images, 17 for the digits).
 - ``frechet_distance``: the distance between two Gaussians fitted to two sets of features (FID's
-  formula); ``digits_frechet_distance`` uses the digits classifier's features.
+  formula); ``classifier.digits_frechet_distance`` feeds it the digits classifier's features.
 - ``sliced_wasserstein``: a sample distance for low-dimensional data such as the 2-D toy sets.
 - ``inception_fid``: FID for image users, through torchmetrics (optional, downloads its weights).
 
@@ -20,11 +20,23 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_lib._checks import check_choice, check_int, check_tensor
-from ddpm_lib.classifier import load_digits_classifier
 from ddpm_lib.diffusion import posterior_mean, predict_x0, q_sample
 from ddpm_lib.schedule import NoiseSchedule, extract
 
 LN2 = math.log(2.0)
+# Moved next to the digits classifier (issue 13): this module knows no particular network.
+_MOVED_TO_CLASSIFIER = ("digits_features", "digits_frechet_distance")
+
+
+def __getattr__(name: str) -> object:
+    """``metrics.digits_features`` and ``metrics.digits_frechet_distance``, the names chapter 7 and
+    the package's ``__init__`` import, now live in ``ddpm_lib.classifier``."""
+    if name in _MOVED_TO_CLASSIFIER:
+        # Imported on request only: the classifier imports this module (frechet_distance).
+        from ddpm_lib import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def normal_kl(
@@ -265,30 +277,6 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
     value = (mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross
     return max(value.item(), 0.0)
-
-
-@torch.no_grad()
-def digits_features(images: torch.Tensor, classifier=None) -> torch.Tensor:
-    """The digits classifier's penultimate features of (N, 1, 8, 8) images, clipped to [-1, 1]."""
-    images = check_tensor("images", images)
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
-    classifier = load_digits_classifier() if classifier is None else classifier
-    device = next(classifier.parameters()).device
-    return classifier.eval().features(images.clamp(-1, 1).to(device)).cpu()
-
-
-def digits_frechet_distance(
-    images_a: torch.Tensor, images_b: torch.Tensor, classifier=None
-) -> float:
-    """``frechet_distance`` of two sets of digits in the digits classifier's feature space.
-
-    Explained in chapter 7.
-    """
-    classifier = load_digits_classifier() if classifier is None else classifier
-    return frechet_distance(
-        digits_features(images_a, classifier), digits_features(images_b, classifier)
-    )
 
 
 def sliced_wasserstein(
