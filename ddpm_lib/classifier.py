@@ -21,8 +21,9 @@ from torch import nn
 
 from ddpm_lib._checks import check_int, check_real, check_tensor
 from ddpm_lib.checkpoint import save_checkpoint
-from ddpm_lib.data import cache_root, load_digits
+from ddpm_lib.data import load_digits
 from ddpm_lib.metrics import frechet_distance
+from ddpm_lib.paths import cache_root
 
 CLASSIFIER_FILE = "digits_classifier_v1.pt"  # bump the version when the network or training changes
 NUM_CLASSES = 10
@@ -151,7 +152,7 @@ def load_digits_classifier(
     ``state_dict`` (written to a temporary file, then renamed, so a crash never leaves half a file).
 
     Args:
-        cache_dir: folder of the cache; defaults to ``data.cache_root()``.
+        cache_dir: folder of the cache; defaults to ``paths.cache_root()``.
         retrain: train again even when a cached copy exists (and overwrite it).
 
     Returns:
