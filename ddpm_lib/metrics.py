@@ -33,9 +33,12 @@ def __getattr__(name: str) -> object:
     the package's ``__init__`` import, now live in ``ddpm_lib.classifier``."""
     if name in _MOVED_TO_CLASSIFIER:
         # Imported on request only: the classifier imports this module (frechet_distance).
-        from ddpm_lib import classifier
+        from ddpm_lib.classifier import digits_features, digits_frechet_distance
 
-        return getattr(classifier, name)
+        return {
+            "digits_features": digits_features,
+            "digits_frechet_distance": digits_frechet_distance,
+        }[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -323,7 +326,7 @@ def inception_fid(
     first use. Use it on a GPU with thousands of images; the book's CPU chapters use
     ``digits_frechet_distance`` instead.
     """
-    try:
+    try:  # an optional dependency that downloads weights: imported only when asked for
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as error:
         raise ImportError(
