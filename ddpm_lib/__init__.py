@@ -12,7 +12,7 @@ from ddpm_lib.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from ddpm_lib.classifier import judge_digits, load_digits_classifier
+from ddpm_lib.classifier import digits_frechet_distance, judge_digits, load_digits_classifier
 from ddpm_lib.config import TrainConfig, default_config
 from ddpm_lib.data import dataset_info, load_dataset
 from ddpm_lib.diffusion import (
@@ -24,12 +24,7 @@ from ddpm_lib.diffusion import (
     q_sample_iterative,
 )
 from ddpm_lib.ema import EMA
-from ddpm_lib.metrics import (
-    digits_frechet_distance,
-    frechet_distance,
-    sliced_wasserstein,
-    variational_bound,
-)
+from ddpm_lib.metrics import frechet_distance, sliced_wasserstein, variational_bound
 from ddpm_lib.mixture import GaussianMixture
 from ddpm_lib.models import MLP, UNet, build_model, count_parameters
 from ddpm_lib.samplers import (

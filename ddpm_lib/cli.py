@@ -206,12 +206,7 @@ def _sample(args: argparse.Namespace) -> int:
         )
     _check_outputs([args.checkpoint], out=args.out, save_tensor=args.save_tensor)
     state, model, schedule, device = _load_network(args)
-    cfg = model.config
-    item_shape = (
-        (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-        if state["model_name"] == "unet"
-        else (cfg["dim"],)
-    )
+    item_shape = model.item_shape
     if args.judge and (state["config"]["data"] != "digits" or item_shape != (1, 8, 8)):
         raise ValueError(
             f"judge applies to 8x8 digits only, but {args.checkpoint} was trained on "

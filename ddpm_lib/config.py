@@ -19,10 +19,23 @@ from ddpm_lib._checks import check_choice, check_int, check_real
 from ddpm_lib.data import DATASETS, dataset_info
 from ddpm_lib.ema import DECAY_RANGE
 from ddpm_lib.hardware import AMP_MODES, DEVICES, SWITCHES
-from ddpm_lib.models import DIGITS_UNET
 from ddpm_lib.schedule import SCHEDULE_KINDS
 
 MODEL_NAMES = ("auto", "unet", "mlp")
+
+# A U-Net for scikit-learn's 8x8 digits that trains usefully in 10 minutes on two CPU cores:
+# two levels (8x8 and 4x4), attention at 4x4 and in the middle, 0.76 M parameters.
+DIGITS_UNET = dict(
+    in_channels=1,
+    image_size=8,
+    base_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.0,
+    num_groups=8,
+    num_heads=1,
+)
 
 
 def _option(default=dataclasses.MISSING, help="", *, factory=dataclasses.MISSING, **accepted):

@@ -21,8 +21,8 @@ from ddpm_lib._checks import check_choice
 from ddpm_lib._version import __version__
 from ddpm_lib.checkpoint import CheckpointError, latest_valid_checkpoint, model_from_checkpoint
 from ddpm_lib.config import TrainConfig, default_config
-from ddpm_lib.data import cache_root
 from ddpm_lib.hardware import pick_device
+from ddpm_lib.paths import cache_root
 from ddpm_lib.schedule import NoiseSchedule
 from ddpm_lib.training import Trainer
 

@@ -213,7 +213,7 @@ class Trainer:
         if not self.is_main:
             return None
         cfg, path = self.config, self.folder.sample_grid(self.step)
-        shape = (cfg.sample_n, *self.dataset[0][0].shape)
+        shape = (cfg.sample_n, *self.ema.shadow.item_shape)  # the unwrapped network
         write_sample_figure(self.ema.shadow, self.schedule, shape, path, steps=cfg.sample_steps,
                             seed=cfg.seed, device=self.device)  # fmt: skip
         return path

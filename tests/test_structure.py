@@ -9,10 +9,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddpm_lib"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_MODULE_LINES = 400
 MAX_TRAINER_LINES = 200
-# Modules of the parallel refactor of issue 13 (part B) whose function-local imports are not
-# commented yet; the integrator empties this set after merging it.
-LOCAL_IMPORTS_PENDING = {"data.py", "metrics.py"}
-LENGTH_PENDING = {"data.py"}  # 477 lines at 107bdab, in part B's hands likewise
 
 
 def _name(path: Path) -> str:
@@ -49,8 +45,6 @@ def test_no_module_imports_up_to_the_package_init(path):
 
 @pytest.mark.parametrize("path", MODULES, ids=_name)
 def test_every_module_is_under_400_lines(path):
-    if path.name in LENGTH_PENDING and path.parent == PACKAGE:
-        pytest.skip("part B of issue 13 splits it")
     lines = len(path.read_text().splitlines())
     assert lines < MAX_MODULE_LINES, f"{_name(path)} has {lines} lines"
 
@@ -66,8 +60,6 @@ def test_the_trainer_class_is_under_200_lines():
 def test_function_local_imports_say_why(path):
     """An import inside a function (an optional dependency, a slow import few calls need) has
     its reason in a comment on its line or the line above; otherwise it belongs at the top."""
-    if path.name in LOCAL_IMPORTS_PENDING and path.parent == PACKAGE:
-        pytest.skip("part B of issue 13 comments or moves these")
     source = path.read_text().splitlines()
     silent = []
     for function in ast.walk(_tree(path)):
