@@ -1,5 +1,6 @@
 """Book-level checks: every chapter is executed, clean, imports ddpm_lib, and shows in the HTML."""
 
+import base64
 import importlib.util
 import re
 import struct
@@ -10,6 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+
+from ddpm_lib.plotting import PAGE_DPI, PAGE_WIDTH, VERDICTS
 
 ROOT = Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
@@ -154,9 +157,6 @@ def png_size_and_dpi(data: bytes) -> tuple[int, float]:
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_figures_are_sharp_and_fit_the_column(path):
     """>= 144 dpi; at most about PAGE_WIDTH inches wide, so text is not shrunk below 9 pt."""
-    import base64
-
-    from ddpm_lib.plotting import PAGE_DPI, PAGE_WIDTH
 
     for out in outputs(read(path)):
         data = out.get("data", {}).get("image/png")
@@ -207,8 +207,6 @@ def test_cross_references_are_links_not_typed_numbers(path):
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_every_claim_has_a_verdict(path):
-    from ddpm_lib.plotting import VERDICTS
-
     tables = [
         str(out["data"]["text/markdown"])
         for out in outputs(read(path))

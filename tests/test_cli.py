@@ -62,7 +62,7 @@ def test_train_sample_info_on_digits(tmp_path):
         "--judge",
     )
     assert out.returncode == 0, out.stderr
-    assert grid.stat().st_size > 0 and " clear (p >= " in out.stdout  # the judgement
+    assert grid.stat().st_size > 0 and "% clear (p >= 0.9)" in out.stdout  # the judgement
     import torch
 
     x = torch.load(tmp_path / "x.pt", weights_only=True)
