@@ -32,9 +32,6 @@ from ddpm_lib.samplers import SAMPLERS, VARIANCES, sample
 from ddpm_lib.schedule import NoiseSchedule
 from ddpm_lib.training import NonFiniteLossError, Trainer, TrainingInterrupted
 
-# The help line of every TrainConfig field, as `ddpm train --help` shows it (chapter 8 prints some).
-TRAIN_HELP = {f.name: option_help(f.name) for f in dataclasses.fields(TrainConfig)}
-
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are a single line."""

@@ -310,7 +310,8 @@ def inception_fid(
     first use. Use it on a GPU with thousands of images; the book's CPU chapters use
     ``digits_frechet_distance`` instead.
     """
-    try:  # an optional dependency that downloads weights: imported only when asked for
+    try:
+        # An optional dependency that downloads weights: imported only when asked for.
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as error:
         raise ImportError(

@@ -5,14 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from ddpm_lib.cli import TRAIN_HELP
 from ddpm_lib.config import TrainConfig, default_config, option_help, option_type
 from ddpm_lib.ema import EMA
 
 
 def test_every_option_has_a_help_line_and_a_type():
     for f in dataclasses.fields(TrainConfig):
-        assert option_help(f.name) and TRAIN_HELP[f.name] == option_help(f.name)
+        assert option_help(f.name), f.name
         assert option_type(f.name) in (str, int, float, bool, dict), f.name
     assert option_type("image_size") is int and option_type("data_root") is str
 
