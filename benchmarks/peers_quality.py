@@ -45,7 +45,8 @@ from ddpm_lib import (
     model_from_checkpoint,
     sample,
 )
-from ddpm_lib.metrics import digits_features, frechet_distance
+from ddpm_lib.classifier import digits_features
+from ddpm_lib.metrics import frechet_distance
 
 BATCH = 128
 RESULTS = Path(__file__).parent / "results"

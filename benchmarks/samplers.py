@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from ddpm_lib import GaussianMixture, judge_digits, load_dataset, load_digits_classifier, sample
-from ddpm_lib.metrics import digits_features, frechet_distance, sliced_wasserstein
+from ddpm_lib.classifier import digits_features
+from ddpm_lib.metrics import frechet_distance, sliced_wasserstein
 from ddpm_lib.profiles import digits_run, profile
 from ddpm_lib.schedule import NoiseSchedule
 

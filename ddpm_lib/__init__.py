@@ -3,30 +3,19 @@
 The book that explains every function chapter by chapter lives in ``book/``.
 """
 
-import os
-import sys
-
-__version__ = "0.1.0"  # first, so that submodules can import it
-
-# The ddpm command (the console script, or python -m ddpm_lib, also under torchrun) runs torch with
-# OMP_WAIT_POLICY=PASSIVE unless the user chose a policy: spinning OpenMP threads slow training ten
-# times or more whenever another process holds a core. OpenMP reads the variable once, when torch
-# loads it, so this comes before any import of torch. Library users keep their own environment.
-_argv = getattr(sys, "argv", None) or [""]
-if not os.environ.get("OMP_WAIT_POLICY") and (
-    _argv[0] == "-m" or os.path.basename(_argv[0]) in ("ddpm", "ddpm.exe")
-):
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-from ddpm_lib.checkpoint import (  # noqa: E402
+# First, before anything imports torch: the ddpm command's OpenMP setting (see _omp).
+from ddpm_lib import _omp  # noqa: F401
+from ddpm_lib._version import __version__
+from ddpm_lib.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from ddpm_lib.classifier import judge_digits, load_digits_classifier  # noqa: E402
-from ddpm_lib.data import dataset_info, load_dataset  # noqa: E402
-from ddpm_lib.diffusion import (  # noqa: E402
+from ddpm_lib.classifier import digits_frechet_distance, judge_digits, load_digits_classifier
+from ddpm_lib.config import TrainConfig, default_config
+from ddpm_lib.data import dataset_info, load_dataset
+from ddpm_lib.diffusion import (
     diffusion_loss,
     predict_eps,
     predict_x0,
@@ -34,24 +23,19 @@ from ddpm_lib.diffusion import (  # noqa: E402
     q_sample,
     q_sample_iterative,
 )
-from ddpm_lib.ema import EMA  # noqa: E402
-from ddpm_lib.metrics import (  # noqa: E402
-    digits_frechet_distance,
-    frechet_distance,
-    sliced_wasserstein,
-    variational_bound,
-)
-from ddpm_lib.mixture import GaussianMixture  # noqa: E402
-from ddpm_lib.models import MLP, UNet, build_model, count_parameters  # noqa: E402
-from ddpm_lib.samplers import (  # noqa: E402
+from ddpm_lib.ema import EMA
+from ddpm_lib.metrics import frechet_distance, sliced_wasserstein, variational_bound
+from ddpm_lib.mixture import GaussianMixture
+from ddpm_lib.models import MLP, UNet, build_model, count_parameters
+from ddpm_lib.samplers import (
     Trajectory,
     ddim_step,
     ddpm_step,
     sample,
     timestep_sequence,
 )
-from ddpm_lib.schedule import NoiseSchedule, extract  # noqa: E402
-from ddpm_lib.training import TrainConfig, Trainer, default_config  # noqa: E402
+from ddpm_lib.schedule import NoiseSchedule, extract
+from ddpm_lib.training import Trainer
 
 __all__ = [
     "EMA",

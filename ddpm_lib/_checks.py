@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -40,6 +41,17 @@ def check_real(
         interval = f"{'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
     return value
+
+
+def check_int_sequence(
+    name: str, value: object, *, low: int | None = None, nonempty: bool = False
+) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of ints, each >= ``low``, if it is a sequence of them."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    if nonempty and len(value) == 0:
+        raise ValueError(f"{name} must hold at least one positive int, got ()")
+    return tuple(check_int(f"{name}[i]", v, low=low) for v in value)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -88,6 +100,44 @@ def check_timesteps(t: object, T: int, batch: int) -> torch.Tensor:
             f"got values in [{int(t.min())}, {int(t.max())}]"
         )
     return t.long()
+
+
+def check_config(cls: type, config: object, kwargs: dict) -> object:
+    """A network's config: ``config`` itself, or ``cls(**kwargs)`` (a checkpoint's dict)."""
+    if config is None:
+        return cls(**kwargs)
+    if not isinstance(config, cls) or kwargs:
+        raise TypeError(
+            f"pass a {cls.__name__} or its fields as keyword arguments, not both; got "
+            f"{type(config).__name__} and {sorted(kwargs)}"
+        )
+    return config
+
+
+def check_model_input(
+    x: object, t: object, item_shape: tuple[int, ...], described: str
+) -> torch.Tensor:
+    """The networks' input check: x of shape (B, *item_shape), t of shape (B,) or () (broadcast).
+
+    Args:
+        x: the noisy batch x_t.
+        t: its timesteps.
+        item_shape: the shape of one item, e.g. (1, 8, 8) for the digits' U-Net.
+        described: the arguments that set ``item_shape``, for the message, e.g. "dim=2".
+
+    Returns:
+        ``t`` of shape (B,).
+    """
+    check_tensor("x", x)
+    check_tensor("t", t)
+    if x.ndim != 1 + len(item_shape) or tuple(x.shape[1:]) != item_shape:
+        expected = ", ".join(str(n) for n in item_shape)
+        raise ValueError(f"x must have shape (B, {expected}) ({described}), got {tuple(x.shape)}")
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
 
 
 def _fmt(x: float | None) -> str:

@@ -15,20 +15,15 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: run folders are not locked
-    fcntl = None
-
+from ddpm_lib._io import atomic_save
 from ddpm_lib.data import DATASETS
+from ddpm_lib.hardware import build_model_on_meta
 from ddpm_lib.models import MODELS, build_model, count_parameters
 from ddpm_lib.schedule import NoiseSchedule
 
@@ -51,11 +46,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used as asked: it holds another run, or another process is
-    training in it."""
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, os.replace).
 
@@ -67,64 +57,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         OSError: when writing fails (a full disk, say); the previous file at ``path`` is left as
             it was.
     """
-    return write_atomically(path, lambda f: torch.save(state, f))
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over
-    ``path``: readers see the old file or the new one, never a part.
-
-    Raises:
-        OSError: one line naming ``path`` and the cause; the previous file is untouched.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as e:
-        Path(tmp_name).unlink(missing_ok=True)
-        # torch.save turns the OSError of a full disk into "RuntimeError: [enforce fail at
-        # inline_container.cc] unexpected pos": the OSError is still its context.
-        cause = e if isinstance(e, OSError) else _os_error_behind(e)
-        if cause is not None:
-            reason = cause.strerror or str(cause)
-            error = OSError(
-                cause.errno, f"writing {path} failed ({reason}); the previous file is untouched"
-            )
-            error.reason = reason  # for callers that say more about what is intact
-            raise error from None
-        raise
-    _fsync_folder(path.parent)
-    return path
-
-
-def _os_error_behind(error: BaseException) -> OSError | None:
-    """The OSError that caused ``error`` (through its __cause__/__context__ chain), if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); harmless where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_save(state, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -233,14 +166,6 @@ def _check_declared_sizes(path: Path) -> None:
             )
 
 
-def build_model_on_meta(name: str, config: dict) -> torch.nn.Module:
-    """The network ``build_model(name, **config)`` describes, without allocating its weights."""
-    if not isinstance(config, dict):
-        raise TypeError(f"model_config must be a dict, got {type(config).__name__}")
-    with torch.device("meta"):
-        return build_model(name, **config)
-
-
 class _Stub:
     """Stands in for any object the structure names: accepts every call, stores nothing."""
 
@@ -291,107 +216,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-# Run folders ---------------------------------------------------------------------------------
-
-RUN_FILES = ("config.json", "metrics.jsonl")
-LOCK_NAME = ".lock"
-
-
-def run_contents(folder: str | os.PathLike) -> list[Path]:
-    """What a training run left in ``folder``: its config, metrics log, checkpoints (with any
-    half-written temporaries) and sample grids. Other files are not the run's and stay."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [folder / name for name in RUN_FILES if (folder / name).is_file()]
-    found += list_checkpoints(folder) + sorted(folder.glob(".ckpt_*.pt.*.tmp"))
-    samples = folder / "samples"
-    if samples.is_dir():
-        found += sorted(p for p in samples.glob("step_*.png") if p.is_file())
-    return found
-
-
-def describe_run(paths: list[Path]) -> str:
-    """``config.json, metrics.jsonl, 2 checkpoints (steps 40 to 60), 3 sample grids``."""
-    parts = [p.name for p in paths if p.name in RUN_FILES]
-    steps = [int(m.group(1)) for p in paths if (m := CHECKPOINT_PATTERN.match(p.name))]
-    if steps:
-        parts.append(f"{len(steps)} checkpoint(s) (steps {min(steps)} to {max(steps)})")
-    grids = sum(p.parent.name == "samples" for p in paths)
-    if grids:
-        parts.append(f"{grids} sample grid(s)")
-    temporaries = sum(p.name.endswith(".tmp") for p in paths)
-    if temporaries:
-        parts.append(f"{temporaries} half-written temporary file(s)")
-    return ", ".join(parts)
-
-
-def remove_run(folder: str | os.PathLike) -> list[Path]:
-    """Delete what ``run_contents`` lists; returns the paths removed."""
-    removed = run_contents(folder)
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
-
-
-class RunLock:
-    """An exclusive lock on a run folder: ``flock`` on its ``.lock`` file, which holds the
-    holder's pid. The kernel releases it when the process ends, however it ends: a killed run
-    never leaves a stale lock. (No locking where ``fcntl`` is missing, i.e. on Windows.)
-
-    Args:
-        folder: the run folder.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.path = Path(folder) / LOCK_NAME
-        self._fd: int | None = None
-
-    def check_free(self) -> None:
-        """Raise ``RunFolderError`` if another process holds the lock; take nothing."""
-        if fcntl is None or self._fd is not None or not self.path.is_file():
-            return
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            self._try_lock(fd)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    def acquire(self) -> None:
-        """Take the lock (creating the folder) or raise ``RunFolderError`` at once."""
-        if fcntl is None or self._fd is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            self._try_lock(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def _try_lock(self, fd: int) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunFolderError(
-                f"out: {self.path.parent} is in use by another training (pid {holder}); wait "
-                "for it to end or choose another folder"
-            ) from None
-
-
 def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
+    """``folder/ckpt_<step, 8 digits>.pt``."""
     return Path(folder) / f"ckpt_{step:08d}.pt"
 
 

@@ -4,7 +4,8 @@ Explained in chapter 6 (sampling). A sample "looks like a digit" when a classifi
 digits names its class with high confidence; the spread of the named classes shows whether the
 model covers all ten digits. The classifier is also taught that noise is no digit (outlier exposure:
 noise images are trained towards the uniform prediction), so it does not hand out high confidence to
-garbage. Its penultimate layer gives the features of a Frechet distance (chapter 7).
+garbage. Its penultimate layer gives the features of a Frechet distance (chapter 7):
+``digits_features`` and ``digits_frechet_distance`` live here, so ``metrics`` stays generic.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_lib._checks import check_int, check_real, check_tensor
-from ddpm_lib.checkpoint import save_checkpoint
-from ddpm_lib.data import cache_root, load_digits
+from ddpm_lib._io import atomic_save
+from ddpm_lib.data import load_digits
+from ddpm_lib.metrics import frechet_distance
+from ddpm_lib.paths import cache_root
 
 CLASSIFIER_FILE = "digits_classifier_v1.pt"  # bump the version when the network or training changes
 NUM_CLASSES = 10
@@ -149,7 +152,7 @@ def load_digits_classifier(
     ``state_dict`` (written to a temporary file, then renamed, so a crash never leaves half a file).
 
     Args:
-        cache_dir: folder of the cache; defaults to ``data.cache_root()``.
+        cache_dir: folder of the cache; defaults to ``paths.cache_root()``.
         retrain: train again even when a cached copy exists (and overwrite it).
 
     Returns:
@@ -167,7 +170,7 @@ def load_digits_classifier(
 
     model = train_digits_classifier()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model.state_dict(), path)
+    atomic_save(model.state_dict(), path)
     return model
 
 
@@ -205,6 +208,47 @@ def judge_digits(
         confident_share=(top >= confidence).float().mean().item(),
         class_histogram=histogram.tolist(),
         n=len(predicted),
+    )
+
+
+@torch.no_grad()
+def digits_features(
+    images: torch.Tensor, classifier: DigitsClassifier | None = None
+) -> torch.Tensor:
+    """The digits classifier's penultimate features of (N, 1, 8, 8) images, clipped to [-1, 1].
+
+    Explained in chapter 7.
+
+    Args:
+        images: digits of shape (N, 1, 8, 8).
+        classifier: a ``DigitsClassifier``; defaults to ``load_digits_classifier()``.
+
+    Returns:
+        Features of shape (N, feature_dim), on the CPU.
+    """
+    images = check_tensor("images", images)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
+    classifier = load_digits_classifier() if classifier is None else classifier
+    device = next(classifier.parameters()).device
+    return classifier.eval().features(images.clamp(-1, 1).to(device)).cpu()
+
+
+def digits_frechet_distance(
+    images_a: torch.Tensor, images_b: torch.Tensor, classifier: DigitsClassifier | None = None
+) -> float:
+    """``metrics.frechet_distance`` of two sets of digits in the digits classifier's features.
+
+    Explained in chapter 7.
+
+    Args:
+        images_a: digits of shape (N_a, 1, 8, 8), N_a >= 2.
+        images_b: digits of shape (N_b, 1, 8, 8), N_b >= 2.
+        classifier: a ``DigitsClassifier``; defaults to ``load_digits_classifier()``.
+    """
+    classifier = load_digits_classifier() if classifier is None else classifier
+    return frechet_distance(
+        digits_features(images_a, classifier), digits_features(images_b, classifier)
     )
 
 

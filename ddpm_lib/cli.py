@@ -15,42 +15,22 @@ import sys
 import threading
 from pathlib import Path
 
-from ddpm_lib import __version__
+import torch
 
-# One line of help per TrainConfig field: `ddpm train --help` documents every option.
-TRAIN_HELP = {
-    "data": "data set: moons, swiss_roll, ring, digits, mnist, fashion_mnist, cifar10, folder",
-    "data_root": "folder of the torchvision data sets, or the image folder for --data folder",
-    "download": "let torchvision download a missing data set (never done otherwise)",
-    "image_size": "resize images to this many pixels a side",
-    "n_data": "use only this many training examples (or toy points)",
-    "model": "network: auto (U-Net for images, MLP for 2-D), unet or mlp",
-    "model_config": "JSON of network arguments, e.g. '{\"base_channels\": 64}'",
-    "schedule": "noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)",
-    "T": "number of diffusion steps",
-    "steps": "optimisation steps to train for (in total, counting resumed ones)",
-    "batch_size": "images per optimisation step (over all processes)",
-    "lr": "peak learning rate of AdamW",
-    "warmup_steps": "steps of linear learning-rate warm-up",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "clip the gradient norm to this value (0: no clipping)",
-    "ema_decay": "decay of the exponential moving average of the weights, in [0, 1)",
-    "device": "auto (cuda, then mps, then cpu), cpu, cuda or mps",
-    "amp": "mixed precision: auto (bf16/fp16 on CUDA, off elsewhere), bf16, fp16 or off",
-    "channels_last": "channels-last memory format: auto (on for CUDA), on or off",
-    "compile": "compile the network with torch.compile",
-    "num_workers": "data-loader worker processes (image folders and torchvision sets)",
-    "seed": "random seed of the data order, the noise and the initial weights",
-    "out": "run folder: config.json, metrics.jsonl, checkpoints, samples/",
-    "log_every": "write a metrics line every this many steps",
-    "sample_every": "save a grid of EMA samples every this many steps (0: only at the end)",
-    "sample_n": "number of samples in each grid",
-    "sample_steps": "DDIM steps for the sample grids",
-    "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
-    "keep_checkpoints": "how many of the newest checkpoints to keep",
-    "max_minutes": "stop (and checkpoint) after this many minutes (0: no limit)",
-}
-OPTIONAL_TYPES = {"data_root": str, "image_size": int, "n_data": int}
+from ddpm_lib._checks import check_choice, check_int, check_real
+from ddpm_lib._version import __version__
+from ddpm_lib.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from ddpm_lib.classifier import format_judgement, judge_digits, load_digits_classifier
+from ddpm_lib.config import TrainConfig, default_config, option_help, option_type
+from ddpm_lib.data import dataset_info, load_dataset
+from ddpm_lib.figures import FIGURE_FORMATS, save_sample_figure
+from ddpm_lib.hardware import pick_device
+from ddpm_lib.metrics import variational_bound
+from ddpm_lib.models import count_parameters
+from ddpm_lib.run_folder import RunFolderError
+from ddpm_lib.samplers import SAMPLERS, VARIANCES, sample
+from ddpm_lib.schedule import NoiseSchedule
+from ddpm_lib.training import NonFiniteLossError, Trainer, TrainingInterrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,19 +41,39 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from ddpm_lib.training import TrainConfig
-
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=TRAIN_HELP[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.name == "model_config":
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=option_help(f.name))
+        kind = option_type(f.name)
+        if kind is dict:
             parser.add_argument(flag, type=_json_dict, metavar="JSON", **kwargs)
-        elif isinstance(default, bool):
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            kind = OPTIONAL_TYPES.get(f.name, type(default))
             parser.add_argument(flag, type=kind, metavar=kind.__name__.upper(), **kwargs)
+
+
+def _network_options(batch_size: int, items: str) -> argparse.ArgumentParser:
+    """The parent parser of the commands that run a checkpoint's network (sample, bpd)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file")
+    parent.add_argument("--no-ema", action="store_true", help="use raw instead of EMA weights")
+    parent.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parent.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parent.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"{items} per forward pass"
+    )
+    return parent
+
+
+def _load_network(
+    args: argparse.Namespace,
+) -> tuple[dict, torch.nn.Module, NoiseSchedule, torch.device]:
+    """The checkpoint, and its network (EMA weights unless --no-ema) and schedule on --device."""
+    device = pick_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    model, schedule = model_from_checkpoint(state, use_ema=not args.no_ema, path=args.checkpoint)
+    return state, model.to(device), schedule.to(device), device
 
 
 def _json_dict(text: str) -> dict:
@@ -117,19 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sample = commands.add_parser(
-        "sample", help="sample a trained model", description="Generate samples from a checkpoint."
+        "sample",
+        help="sample a trained model",
+        description="Generate samples from a checkpoint.",
+        parents=[_network_options(1000, "samples")],
     )
-    sample.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument("--sampler", default="ddim", help="ddim (default) or ddpm")
     sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise, >= 0 (default 0)")
     sample.add_argument("--variance", default="small", help="DDPM variance: small or large")
     sample.add_argument("--no-clip", action="store_true", help="do not clip predicted x0")
-    sample.add_argument("--no-ema", action="store_true", help="use raw instead of EMA weights")
-    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    sample.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass")
     sample.add_argument(
         "--out", default="samples.png", help="image grid or scatter plot (.png, .jpg, .pdf, ...)"
     )
@@ -143,15 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bits per dimension (the variational bound) of a data split",
         description="Ho et al.'s variational bound on -log p(x_0), in bits per dimension, of the "
         "data set the checkpoint was trained on: T network calls per example (chapter 7).",
+        parents=[_network_options(500, "examples")],
     )
-    bpd.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file")
     bpd.add_argument("--split", default="test", help="test (default) or train")
     bpd.add_argument("--n", type=int, default=None, help="use the first n examples (default all)")
     bpd.add_argument("--variance", default="small", help="reverse variance: small or large")
-    bpd.add_argument("--no-ema", action="store_true", help="use raw instead of EMA weights")
-    bpd.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
-    bpd.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    bpd.add_argument("--batch-size", type=int, default=500, help="examples per forward pass")
     bpd.add_argument("--save-terms", default=None, help="save every term (N x T) as a .pt file")
 
     info = commands.add_parser("info", help="describe a checkpoint")
@@ -160,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ddpm_lib.training import TrainConfig, Trainer, default_config
-
     flags = ("command", "resume", "overwrite", "quiet")
     options = {k: v for k, v in vars(args).items() if k not in flags}
     out = Path(options.get("out") or f"runs/{options.get('data', 'digits')}")
@@ -199,13 +191,6 @@ def _check_outputs(inputs: list[str], **outputs: str | None) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from ddpm_lib._checks import check_choice, check_int, check_real
-    from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
-    from ddpm_lib.samplers import SAMPLERS, VARIANCES, sample
-    from ddpm_lib.training import FIGURE_FORMATS, pick_device, save_sample_figure
-
     check_int("n", args.n, low=1)
     check_int("batch_size", args.batch_size, low=1)
     check_choice("sampler", args.sampler, SAMPLERS)
@@ -217,16 +202,8 @@ def _sample(args: argparse.Namespace) -> int:
             f"out must end in one of {', '.join(FIGURE_FORMATS)} (the image format), got {out}"
         )
     _check_outputs([args.checkpoint], out=args.out, save_tensor=args.save_tensor)
-    device = pick_device(args.device)
-    state = load_checkpoint(args.checkpoint)
-    model, schedule = model_from_checkpoint(state, use_ema=not args.no_ema, path=args.checkpoint)
-    model = model.to(device)
-    cfg = model.config
-    item_shape = (
-        (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-        if state["model_name"] == "unet"
-        else (cfg["dim"],)
-    )
+    state, model, schedule, device = _load_network(args)
+    item_shape = model.item_shape
     if args.judge and (state["config"]["data"] != "digits" or item_shape != (1, 8, 8)):
         raise ValueError(
             f"judge applies to 8x8 digits only, but {args.checkpoint} was trained on "
@@ -259,29 +236,18 @@ def _sample(args: argparse.Namespace) -> int:
         torch.save(x, args.save_tensor)
         print(f"wrote the tensor to {args.save_tensor}")
     if args.judge:
-        from ddpm_lib.classifier import format_judgement, judge_digits, load_digits_classifier
-
         print(format_judgement(judge_digits(x, load_digits_classifier())))
     return 0
 
 
 def _bpd(args: argparse.Namespace) -> int:
-    import torch
-
-    from ddpm_lib._checks import check_choice, check_int
-    from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
-    from ddpm_lib.data import dataset_info, load_dataset
-    from ddpm_lib.metrics import variational_bound
-    from ddpm_lib.training import pick_device
-
     split = check_choice("split", args.split, ("train", "test"))
     if args.n is not None:
         check_int("n", args.n, low=1)
     check_int("batch_size", args.batch_size, low=1)
     check_choice("variance", args.variance, ("small", "large"))
     _check_outputs([args.checkpoint], save_terms=args.save_terms)
-    device = pick_device(args.device)
-    state = load_checkpoint(args.checkpoint)
+    state, model, schedule, device = _load_network(args)
     config = state["config"]
     levels = dataset_info(config["data"])["levels"]
     data = load_dataset(
@@ -299,10 +265,9 @@ def _bpd(args: argparse.Namespace) -> int:
     )
     if levels is not None:  # resized images fall between levels: score their 8-bit rounding
         x0 = ((x0 + 1) / 2 * (levels - 1)).round() / (levels - 1) * 2 - 1
-    model, schedule = model_from_checkpoint(state, use_ema=not args.no_ema, path=args.checkpoint)
     bound = variational_bound(
-        model.to(device),
-        schedule.to(device),
+        model,
+        schedule,
         x0.to(device),
         levels=levels,
         variance=args.variance,
@@ -319,9 +284,6 @@ def _bpd(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ddpm_lib.checkpoint import load_checkpoint, model_from_checkpoint
-    from ddpm_lib.models import count_parameters
-
     state = load_checkpoint(args.checkpoint)
     model, schedule = model_from_checkpoint(state, path=args.checkpoint)
     path = Path(args.checkpoint)
@@ -358,9 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from ddpm_lib.checkpoint import CheckpointError, RunFolderError
-    from ddpm_lib.training import NonFiniteLossError, TrainingInterrupted
-
     run = {"train": _train, "sample": _sample, "bpd": _bpd, "info": _info}[args.command]
     expected = (ValueError, TypeError, OSError, CheckpointError, RunFolderError)
     expected += (NonFiniteLossError, FloatingPointError)

@@ -7,7 +7,8 @@ Every data set yields ``(x, y)`` pairs, with y the class label or -1 where there
 - Offline and fast (the book and CI): 2-D toy sets (two moons, swiss roll, a ring of Gaussians)
   and scikit-learn's 8x8 handwritten digits, shipped inside scikit-learn.
 - For GPU users: MNIST, Fashion-MNIST and CIFAR-10 through torchvision (downloaded only when asked),
-  and any folder of images.
+  and any folder of images: read from disk by ``ddpm_lib.image_sets``, whose names this module
+  also offers.
 """
 
 from __future__ import annotations
@@ -15,30 +16,52 @@ from __future__ import annotations
 import functools
 import math
 import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
-from tqdm.auto import tqdm
 
 from ddpm_lib._checks import check_choice, check_int, check_real
+from ddpm_lib.image_sets import (
+    IMAGE_EXTENSIONS,
+    TORCHVISION_SETS,
+    DatasetNotFoundError,
+    ImageFolderDataset,
+    UnreadableImageError,
+    load_torchvision,
+    resize_images,
+    to_unit_range,
+)
 from ddpm_lib.mixture import GaussianMixture
+from ddpm_lib.paths import cache_root, default_data_root
+
+__all__ = [  # with the names of image_sets and paths that callers import from here
+    "DATASETS",
+    "DIGITS_LEVELS",
+    "DIGITS_SIZE",
+    "IMAGE_EXTENSIONS",
+    "TORCHVISION_SETS",
+    "TOY_SETS",
+    "DatasetNotFoundError",
+    "ImageFolderDataset",
+    "UnreadableImageError",
+    "cache_root",
+    "dataset_info",
+    "default_data_root",
+    "digits_split_indices",
+    "load_dataset",
+    "load_digits",
+    "load_torchvision",
+    "make_moons",
+    "make_ring",
+    "make_swiss_roll",
+    "to_unit_range",
+]
 
 DIGITS_LEVELS = 17  # scikit-learn's digits hold pixel values 0..16
 DIGITS_SIZE = 1797
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TOY_SETS = ("moons", "swiss_roll", "ring")
-TORCHVISION_SETS = ("mnist", "fashion_mnist", "cifar10")
 DATASETS = (*TOY_SETS, "digits", *TORCHVISION_SETS, "folder")
-
-_TORCHVISION = {  # name -> (torchvision class, folder below root where it keeps its files)
-    "mnist": ("MNIST", "MNIST/raw"),
-    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw"),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
-}
 _INFO = {  # name -> (kind, channels, image_size, num_classes)
     "moons": ("2d", None, None, 2),
     "swiss_roll": ("2d", None, None, None),
@@ -49,27 +72,6 @@ _INFO = {  # name -> (kind, channels, image_size, num_classes)
     "cifar10": ("image", 3, 32, 10),
     "folder": ("image", 3, 64, None),
 }
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A data set's files are not on disk (and downloading was not asked for)."""
-
-
-class UnreadableImageError(ValueError):
-    """An image file that cannot be decoded (truncated, corrupt, too large); names the file."""
-
-
-def cache_root() -> Path:
-    """``$DDPM_CACHE`` if set, else ``~/.cache/ddpm_lib``: where data, the digits classifier and
-    the book's trained runs are kept."""
-    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm_lib").expanduser()
-
-
-def default_data_root() -> Path:
-    """Where downloaded data sets live: ``$DDPM_DATA``, else ``cache_root() / "data"``."""
-    if os.environ.get("DDPM_DATA"):
-        return Path(os.environ["DDPM_DATA"]).expanduser()
-    return cache_root() / "data"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,27 +166,12 @@ def make_ring(
 
 
 # --------------------------------------------------------------------------------------------------
-# Images held in memory.
-
-
-def to_unit_range(images: torch.Tensor, max_value: float) -> torch.Tensor:
-    """Map integer pixel values in [0, max_value] to float32 in [-1, 1]."""
-    return images.float() / max_value * 2 - 1
-
-
-def _resize(images: torch.Tensor, image_size: int | None, chunk: int = 4096) -> torch.Tensor:
-    """Bilinear (antialiased) resize of float images (N, C, H, W) to a square ``image_size``."""
-    if image_size is None or tuple(images.shape[-2:]) == (image_size, image_size):
-        return images
-    out = [
-        F.interpolate(part, size=(image_size, image_size), mode="bilinear", antialias=True)
-        for part in images.split(chunk)
-    ]
-    return torch.cat(out).clamp_(-1, 1)
+# scikit-learn's 8x8 digits, held in memory.
 
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # scikit-learn takes about 1.5 s to import; only the digits need it.
     from sklearn.datasets import load_digits as sklearn_load_digits
 
     digits = sklearn_load_digits()
@@ -197,7 +184,7 @@ def digits_split_indices(split: str = "train") -> np.ndarray:
     Args:
         split: "train" (1437 images), "test" (360 images) or "all" (1797 images).
     """
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # about 1 s to import: digits only
 
     split = check_choice("split", split, ("train", "test", "all"))
     _, labels = _digits_arrays()
@@ -227,161 +214,7 @@ def load_digits(split: str = "train", image_size: int | None = None) -> TensorDa
         image_size = check_int("image_size", image_size, low=1)
     images, labels = _digits_arrays()
     x = to_unit_range(torch.from_numpy(images[indices]), DIGITS_LEVELS - 1)[:, None]  # (N, 1, 8, 8)
-    return TensorDataset(_resize(x, image_size), torch.from_numpy(labels[indices]))
-
-
-def load_torchvision(
-    name: str,
-    root: str | os.PathLike | None = None,
-    split: str = "train",
-    download: bool = False,
-    image_size: int | None = None,
-) -> TensorDataset:
-    """MNIST, Fashion-MNIST or CIFAR-10 through torchvision, held in memory in [-1, 1].
-
-    Explained in chapter 3. Nothing is downloaded unless ``download=True``; missing files raise a
-    ``DatasetNotFoundError`` that says where they were looked for.
-
-    Args:
-        name: "mnist", "fashion_mnist" or "cifar10".
-        root: folder that holds (or will hold) the data; defaults to ``default_data_root()``.
-        split: "train" or "test".
-        download: fetch the files when they are missing.
-        image_size: resize to this size (bilinear), e.g. 32 for MNIST's 28; None keeps it.
-
-    Returns:
-        A ``TensorDataset`` of images (N, C, H, W) float32 and labels (N,) int64.
-    """
-    import torchvision.datasets
-
-    name = check_choice("name", name, TORCHVISION_SETS)
-    split = check_choice("split", split, ("train", "test"))
-    if image_size is not None:
-        image_size = check_int("image_size", image_size, low=1)
-    root = Path(default_data_root() if root is None else root).expanduser()
-    class_name, folder = _TORCHVISION[name]
-    try:
-        data = getattr(torchvision.datasets, class_name)(
-            str(root), train=split == "train", download=bool(download)
-        )
-    except RuntimeError as error:
-        if download or "not found" not in str(error):
-            raise
-        raise DatasetNotFoundError(
-            f"{name} ({split}) was not found in {root / folder}. Pass download=True to "
-            f"load_dataset/load_torchvision (or --download on the command line) to fetch it "
-            f"into {root}, or point root at a folder that already holds it."
-        ) from error
-
-    images = torch.as_tensor(np.asarray(data.data))
-    if images.ndim == 3:
-        images = images[:, None]  # (N, H, W) -> (N, 1, H, W)
-    else:
-        images = images.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    x = to_unit_range(images.contiguous(), 255)
-    y = torch.as_tensor(np.asarray(data.targets), dtype=torch.int64)
-    return TensorDataset(_resize(x, image_size), y)
-
-
-class ImageFolderDataset(Dataset):
-    """Every image below ``root`` (recursively), centre-cropped to a square and resized.
-
-    Explained in chapter 3. Files with the extensions in ``IMAGE_EXTENSIONS`` are read in sorted
-    order; each item is ``(x, -1)`` with x of shape (channels, image_size, image_size) in [-1, 1].
-    8-bit images are scaled from [0, 255], 16-bit ones from [0, 65535]. Every file is checked
-    once when the data set is made (see ``verify``): a broken image stops a run before it
-    starts, not hours into it.
-
-    Args:
-        root: folder to search.
-        image_size: side of the square images, >= 1.
-        channels: 3 (RGB) or 1 (grey).
-        verify: check every file now.
-        progress: show a progress bar while checking (default: for more than 1000 files).
-
-    Raises:
-        UnreadableImageError: a file that cannot be decoded or is too large; names the file.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        image_size: int,
-        channels: int = 3,
-        *,
-        verify: bool = True,
-        progress: bool | None = None,
-    ) -> None:
-        self.root = Path(root).expanduser()
-        self.image_size = check_int("image_size", image_size, low=1)
-        self.channels = check_int("channels", channels, low=1, high=3)
-        if self.channels == 2:
-            raise ValueError("channels must be 1 (grey) or 3 (RGB), got 2")
-        if not self.root.is_dir():
-            raise DatasetNotFoundError(f"image folder {self.root} does not exist or is no folder")
-        self.files = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
-        if not self.files:
-            raise DatasetNotFoundError(
-                f"no image ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root} or its subfolders"
-            )
-        if verify:
-            self.verify(progress=len(self.files) > 1000 if progress is None else progress)
-
-    def verify(self, progress: bool = False) -> None:
-        """Read every file once, cheaply: PNG chunk checksums, JPEG decoded at 1/8 size (which
-        still reads every byte), other formats decoded.
-
-        Raises:
-            UnreadableImageError: the first broken file, named.
-        """
-        from PIL import Image
-
-        for path in tqdm(self.files, desc="checking images", disable=not progress, leave=False):
-            with _named_errors(path), Image.open(path) as image:
-                if image.format == "PNG":
-                    image.verify()
-                else:
-                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-                    image.load()
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image, ImageOps
-
-        size = (self.image_size, self.image_size)
-        with _named_errors(self.files[index]), Image.open(self.files[index]) as image:
-            if image.mode.startswith("I"):  # 16-bit grey: convert("L") would clip it at 255
-                grey = np.asarray(image, dtype=np.float32).clip(0, 65535) / 65535
-                image, dtype = Image.fromarray(grey, mode="F"), np.float32
-            else:
-                image, dtype = image.convert("RGB" if self.channels == 3 else "L"), np.uint8
-            image = ImageOps.fit(image, size, method=Image.Resampling.BICUBIC)  # centre crop
-            pixels = torch.from_numpy(np.array(image, dtype=dtype))
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None].expand(-1, -1, self.channels)  # (H, W) -> (H, W, C)
-        x = pixels.permute(2, 0, 1).float()  # (H, W, C) -> (C, H, W)
-        x = x.clamp(0, 1) if dtype == np.float32 else x / 255  # bicubic overshoots in float
-        return x * 2 - 1, -1
-
-
-@contextmanager
-def _named_errors(path: Path):
-    """Any failure to decode ``path`` as one line that names it."""
-    from PIL import Image
-
-    try:
-        yield
-    except Image.DecompressionBombError as e:  # PIL refuses images above 2 x MAX_IMAGE_PIXELS
-        raise UnreadableImageError(
-            f"{path}: too large to load ({e.args[0].split(',')[0]}); resize it or raise "
-            "PIL.Image.MAX_IMAGE_PIXELS"
-        ) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's ways of saying "broken"
-        raise UnreadableImageError(f"{path}: unreadable image ({e})") from None
+    return TensorDataset(resize_images(x, image_size), torch.from_numpy(labels[indices]))
 
 
 # --------------------------------------------------------------------------------------------------

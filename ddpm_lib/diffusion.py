@@ -108,13 +108,20 @@ def q_posterior(
     x0 = check_batch("x0", x0)
     check_same_shape("x_t", x_t, "x0", x0)
     t = check_timesteps(t, schedule.T, x0.shape[0])
-    # Ho et al. eq. 6-7
-    mean = (
+    mean = posterior_mean(schedule, x0, x_t, t)
+    variance = extract(schedule.posterior_variance, t, x0.shape)
+    return mean, variance
+
+
+def posterior_mean(
+    schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """``q_posterior``'s mean without the checks, for callers whose t is in range by construction
+    (the variational bound). Ho et al. eq. 7, coefficients from ``posterior_coefficients``."""
+    return (
         extract(schedule.posterior_mean_coef_x0, t, x0.shape) * x0
         + extract(schedule.posterior_mean_coef_xt, t, x0.shape) * x_t
     )
-    variance = extract(schedule.posterior_variance, t, x0.shape)
-    return mean, variance
 
 
 def predict_x0(
@@ -133,10 +140,7 @@ def predict_x0(
     x_t = check_batch("x_t", x_t)
     check_same_shape("eps", eps, "x_t", x_t)
     t = check_timesteps(t, schedule.T, x_t.shape[0])
-    # Ho et al. eq. 4 solved for x_0
-    return (x_t - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * eps) / extract(
-        schedule.sqrt_alphas_cumprod, t, x_t.shape
-    )
+    return x0_from_eps(x_t, eps, *_sqrt_abar(schedule, t, x_t.shape))
 
 
 def predict_eps(
@@ -155,9 +159,44 @@ def predict_eps(
     x_t = check_batch("x_t", x_t)
     check_same_shape("x0", x0, "x_t", x_t)
     t = check_timesteps(t, schedule.T, x_t.shape[0])
-    # Ho et al. eq. 4 solved for eps
-    return (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t.shape) * x0) / extract(
-        schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape
+    return eps_from_x0(x_t, x0, *_sqrt_abar(schedule, t, x_t.shape))
+
+
+def x0_from_eps(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    sqrt_abar: float | torch.Tensor,
+    sqrt_one_minus_abar: float | torch.Tensor,
+) -> torch.Tensor:
+    """Ho et al. eq. 4 solved for x_0, unchecked: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).
+
+    The one home of this formula: ``predict_x0``, the samplers and the variational bound use it.
+    The coefficients are floats (the samplers' float64 numbers) or tensors that broadcast against
+    ``x_t``.
+    """
+    return (x_t - sqrt_one_minus_abar * eps) / sqrt_abar
+
+
+def eps_from_x0(
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sqrt_abar: float | torch.Tensor,
+    sqrt_one_minus_abar: float | torch.Tensor,
+) -> torch.Tensor:
+    """Ho et al. eq. 4 solved for eps, unchecked: (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t).
+
+    The inverse of ``x0_from_eps``, used by ``predict_eps`` and by the samplers after clipping x_0.
+    """
+    return (x_t - sqrt_abar * x0) / sqrt_one_minus_abar
+
+
+def _sqrt_abar(
+    schedule: NoiseSchedule, t: torch.Tensor, x_shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(abar_t) and sqrt(1 - abar_t) of each item, shaped (B, 1, ..., 1) for ``x_shape``."""
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x_shape),
+        extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_shape),
     )
 
 

@@ -13,6 +13,8 @@ from torch import nn
 
 from ddpm_lib._checks import check_real
 
+DECAY_RANGE = dict(low=0, high=1, high_open=True)  # [0, 1): 1 would never move from the start
+
 
 class EMA:
     """Keeps ``shadow``, a frozen copy of ``model`` whose weights trail it exponentially.
@@ -22,11 +24,11 @@ class EMA:
 
     Args:
         model: the network being trained (not wrapped by DDP or torch.compile).
-        decay: weight of the old average at each update, in [0, 1).
+        decay: weight of the old average at each update, in ``DECAY_RANGE``: [0, 1).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
-        self.decay = check_real("ema_decay", decay, low=0, high=1, high_open=True)
+        self.decay = check_real("ema_decay", decay, **DECAY_RANGE)
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
         self.updates = 0
 

@@ -4,7 +4,7 @@
   bits per dimension, term by term: the prior term L_T, the KL terms L_{t-1} and the decoder L_0,
   a discretised Gaussian for data on K levels (256 for 8-bit images, 17 for the digits).
 - ``frechet_distance``: the distance between two Gaussians fitted to two sets of features (FID's
-  formula); ``digits_frechet_distance`` uses the digits classifier's features.
+  formula); ``classifier.digits_frechet_distance`` feeds it the digits classifier's features.
 - ``sliced_wasserstein``: a sample distance for low-dimensional data such as the 2-D toy sets.
 - ``inception_fid``: FID for image users, through torchmetrics (optional, downloads its weights).
 
@@ -20,8 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_lib._checks import check_choice, check_int, check_tensor
-from ddpm_lib.classifier import load_digits_classifier
-from ddpm_lib.diffusion import predict_x0, q_sample
+from ddpm_lib.diffusion import posterior_mean, predict_x0, q_sample
 from ddpm_lib.schedule import NoiseSchedule, extract
 
 LN2 = math.log(2.0)
@@ -194,9 +193,7 @@ def variational_bound(
                 x0_pred = x0_pred.clamp(-1.0, 1.0)
             # The model's reverse mean is the posterior mean with x_0 replaced by its prediction
             # (Ho et al. eq. 7 and 11).
-            coef_x0 = extract(schedule.posterior_mean_coef_x0, t, chunk.shape)
-            coef_xt = extract(schedule.posterior_mean_coef_xt, t, chunk.shape)
-            model_mean = coef_x0 * x0_pred + coef_xt * x_t
+            model_mean = posterior_mean(schedule, x0_pred, x_t, t)
             model_log_var = extract(log_var, t, chunk.shape)
             if step == 0:  # L_0 = -log p(x_0 | x_1)
                 if levels is None:
@@ -210,7 +207,7 @@ def variational_bound(
                         chunk, model_mean, 0.5 * model_log_var, levels
                     )
             else:  # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
-                true_mean = coef_x0 * chunk + coef_xt * x_t
+                true_mean = posterior_mean(schedule, chunk, x_t, t)
                 true_log_var = extract(schedule.posterior_log_variance_clipped, t, chunk.shape)
                 term = normal_kl(true_mean, true_log_var, model_mean, model_log_var)
             chunk_terms[:, step] = term.flatten(1).sum(dim=1) / (dims * LN2)  # nats -> bits/dim
@@ -269,30 +266,6 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     return max(value.item(), 0.0)
 
 
-@torch.no_grad()
-def digits_features(images: torch.Tensor, classifier=None) -> torch.Tensor:
-    """The digits classifier's penultimate features of (N, 1, 8, 8) images, clipped to [-1, 1]."""
-    images = check_tensor("images", images)
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
-    classifier = load_digits_classifier() if classifier is None else classifier
-    device = next(classifier.parameters()).device
-    return classifier.eval().features(images.clamp(-1, 1).to(device)).cpu()
-
-
-def digits_frechet_distance(
-    images_a: torch.Tensor, images_b: torch.Tensor, classifier=None
-) -> float:
-    """``frechet_distance`` of two sets of digits in the digits classifier's feature space.
-
-    Explained in chapter 7.
-    """
-    classifier = load_digits_classifier() if classifier is None else classifier
-    return frechet_distance(
-        digits_features(images_a, classifier), digits_features(images_b, classifier)
-    )
-
-
 def sliced_wasserstein(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -338,6 +311,7 @@ def inception_fid(
     ``digits_frechet_distance`` instead.
     """
     try:
+        # An optional dependency that downloads weights: imported only when asked for.
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as error:
         raise ImportError(

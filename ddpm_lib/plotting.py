@@ -6,7 +6,6 @@ Explained where used; nothing here does maths.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -15,6 +14,8 @@ import numpy as np
 import torch
 from matplotlib import animation
 from matplotlib.axes import Axes
+
+from ddpm_lib.figures import tile_images
 
 # Figures are drawn at twice the 72 dpi of a CSS pixel: sharp on high-density screens. A figure
 # at most PAGE_WIDTH inches wide shows in the book's column scaled by no less than about 0.6, so the
@@ -53,18 +54,10 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
     Args:
         images: the images, values in [-1, 1].
         nrow: images per row; defaults to about sqrt(N).
-        pad: pixels of background between images.
+        pad: pixels of background (white) between images.
     """
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
-    n, c, h, w = x.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    ncol_rows = math.ceil(n / nrow)
-    grid = np.ones((c, ncol_rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[:, top : top + h, left : left + w] = x[i]
-    return grid[0] if c == 1 else grid.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    grid = tile_images(images, nrow, pad).numpy()
+    return grid[0] if grid.shape[0] == 1 else grid.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
 
 
 def show_images(

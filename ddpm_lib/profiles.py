@@ -17,12 +17,16 @@ from typing import TypeVar
 
 import torch
 
-from ddpm_lib import __version__
 from ddpm_lib._checks import check_choice
+from ddpm_lib._version import __version__
 from ddpm_lib.checkpoint import CheckpointError, latest_valid_checkpoint, model_from_checkpoint
-from ddpm_lib.data import cache_root
+from ddpm_lib.config import TrainConfig, default_config
+from ddpm_lib.hardware import pick_device
+from ddpm_lib.paths import cache_root
 from ddpm_lib.schedule import NoiseSchedule
-from ddpm_lib.training import TrainConfig, Trainer, pick_device
+from ddpm_lib.training import Trainer
+
+__all__ = ["PROFILES", "Profile", "cache_root", "default_profile", "digits_run", "profile"]
 
 PROFILES = ("smoke", "cpu", "gpu")
 T = TypeVar("T")
@@ -114,8 +118,6 @@ def digits_run(p: Profile) -> tuple[str, TrainConfig]:
     The cpu budget trains it in about 4 to 5 minutes on two cores; ``ddpm train --data digits``
     (6000 steps) is the longer run the README reports.
     """
-    from ddpm_lib.training import default_config
-
     steps = p.pick(smoke=200, cpu=4000, gpu=20000)
     config = default_config("digits", steps=steps, checkpoint_every=1000, log_every=50)
     return "digits_unet", config

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ddpm_lib._checks import check_choice, check_int, check_real, check_tensor
 from ddpm_lib._random import randn
-from ddpm_lib.diffusion import EpsModel
-from ddpm_lib.schedule import NoiseSchedule
+from ddpm_lib.diffusion import EpsModel, eps_from_x0, x0_from_eps
+from ddpm_lib.schedule import NoiseSchedule, posterior_coefficients
 
 SAMPLERS = ("ddpm", "ddim")
 VARIANCES = ("small", "large")
@@ -68,12 +68,13 @@ def timestep_sequence(T: int, steps: int | Sequence[int] | None) -> list[int]:
     raise TypeError(f"steps must be None, an int in [1, {T}] or a sequence of timesteps")
 
 
-def _x0_from_eps(x_t, eps, abar_t: float, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _predicted_x0(x_t, eps, abar_t: float, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted x_0 (optionally clipped to the data range [-1, 1]) and the eps that matches it."""
-    x0 = (x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)  # Ho et al. eq. 4 for x_0
+    sqrt_abar, sqrt_one_minus_abar = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
+    x0 = x0_from_eps(x_t, eps, sqrt_abar, sqrt_one_minus_abar)
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
-        eps = (x_t - math.sqrt(abar_t) * x0) / math.sqrt(1.0 - abar_t)
+        eps = eps_from_x0(x_t, x0, sqrt_abar, sqrt_one_minus_abar)
     return x0, eps
 
 
@@ -104,15 +105,13 @@ def ddpm_step(
     Returns:
         ``(x_s, x0_pred)``.
     """
-    x0, _ = _x0_from_eps(x_t, eps, abar_t, clip_x0)
-    alpha = abar_t / abar_s  # the respaced alpha_t; equals alphas[t] when s = t - 1
-    beta = 1.0 - alpha
-    mean = (math.sqrt(abar_s) * beta / (1.0 - abar_t)) * x0 + (
-        math.sqrt(alpha) * (1.0 - abar_s) / (1.0 - abar_t)
-    ) * x_t
+    x0, _ = _predicted_x0(x_t, eps, abar_t, clip_x0)
+    coef_x0, coef_xt, posterior_var = posterior_coefficients(abar_t, abar_s)
+    mean = coef_x0 * x0 + coef_xt * x_t
     if abar_s >= 1.0:  # the last step returns the mean: no noise is added to x_0
         return mean, x0
-    var = beta * (1.0 - abar_s) / (1.0 - abar_t) if variance == "small" else beta
+    # "large": beta of the (respaced) step; equals betas[t] when s = t - 1
+    var = posterior_var if variance == "small" else 1.0 - abar_t / abar_s
     return mean + math.sqrt(var) * noise, x0
 
 
@@ -144,7 +143,7 @@ def ddim_step(
     Returns:
         ``(x_s, x0_pred)``.
     """
-    x0, eps = _x0_from_eps(x_t, eps, abar_t, clip_x0)
+    x0, eps = _predicted_x0(x_t, eps, abar_t, clip_x0)
     sigma2 = eta**2 * (1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s)
     x_s = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - sigma2, 0.0)) * eps
     if sigma2 > 0:
@@ -224,7 +223,7 @@ def sample(
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
 
     # Coefficients in float64 on the CPU: abar near 1 loses digits in float32.
-    abar = torch.cumprod(1.0 - schedule.betas.detach().cpu().double(), dim=0).tolist()
+    abar = schedule.alphas_cumprod_float64.tolist()
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
         model.eval()

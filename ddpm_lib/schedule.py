@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ import torch
 from ddpm_lib._checks import check_int, check_real
 
 SCHEDULE_KINDS = ("linear", "cosine")
+
+# A float or a float tensor: the equation helpers serve the samplers (floats) and the schedule.
+Real = TypeVar("Real", float, torch.Tensor)
 
 
 class NoiseSchedule:
@@ -51,8 +55,10 @@ class NoiseSchedule:
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         # abar_{-1} = 1: before the first step there is no noise.
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        # Variance of q(x_{t-1} | x_t, x_0), Ho et al. eq. 7; it is 0 at t = 0.
-        posterior_variance = betas64 * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # q(x_{t-1} | x_t, x_0), Ho et al. eq. 7; its variance is 0 at t = 0.
+        coef_x0, coef_xt, posterior_variance = posterior_coefficients(
+            alphas_cumprod, alphas_cumprod_prev
+        )
         # log(0) at t = 0 is replaced by the value at t = 1, as in Ho et al.'s code.
         posterior_log_variance_clipped = torch.log(
             torch.cat([posterior_variance[1:2], posterior_variance[1:]])
@@ -64,16 +70,15 @@ class NoiseSchedule:
         self.betas = betas64.to(**as32)
         self.alphas = alphas.to(**as32)
         self.alphas_cumprod = alphas_cumprod.to(**as32)
+        # The samplers' copy: abar_t in float64 on the CPU (1 - abar_t near t = 0 keeps its
+        # digits). ``to()`` leaves it on the CPU: some accelerators have no float64.
+        self.alphas_cumprod_float64 = alphas_cumprod
         self.alphas_cumprod_prev = alphas_cumprod_prev.to(**as32)
         self.posterior_variance = posterior_variance.to(**as32)
         self.posterior_log_variance_clipped = posterior_log_variance_clipped.to(**as32)
         # Coefficients of the posterior mean, Ho et al. eq. 7: mean = coef_x0 * x0 + coef_xt * x_t.
-        self.posterior_mean_coef_x0 = (
-            betas64 * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        ).to(**as32)
-        self.posterior_mean_coef_xt = (
-            (1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod)
-        ).to(**as32)
+        self.posterior_mean_coef_x0 = coef_x0.to(**as32)
+        self.posterior_mean_coef_xt = coef_xt.to(**as32)
         self.sqrt_alphas_cumprod = torch.sqrt(alphas_cumprod).to(**as32)
         self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - alphas_cumprod).to(**as32)
         self.signal_to_noise = (alphas_cumprod / (1.0 - alphas_cumprod)).to(**as32)
@@ -160,7 +165,9 @@ class NoiseSchedule:
         """Return a copy whose tensors live on ``device``."""
         moved = object.__new__(NoiseSchedule)
         for name, value in vars(self).items():
-            setattr(moved, name, value.to(device) if isinstance(value, torch.Tensor) else value)
+            if isinstance(value, torch.Tensor) and name != "alphas_cumprod_float64":
+                value = value.to(device)
+            setattr(moved, name, value)
         return moved
 
     def __repr__(self) -> str:
@@ -170,6 +177,33 @@ class NoiseSchedule:
             if self.kind != "custom"
             else (f"NoiseSchedule(T={self.T})")
         )
+
+
+def posterior_coefficients(abar_t: Real, abar_s: Real) -> tuple[Real, Real, Real]:
+    """Ho et al. eq. 7 for a step from t down to s < t, unchecked: the posterior
+    q(x_s | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, variance).
+
+    With s = t - 1 this is eq. 7 itself (abar_t / abar_s = alpha_t); with s further down it is the
+    step of a respaced sampler (Nichol & Dhariwal). ``abar_s = 1`` means s = -1, the end (variance
+    0). The one home of these formulas: ``NoiseSchedule``, ``ddpm_step`` and, through the
+    schedule, ``q_posterior`` and the variational bound use it.
+
+    Explained in chapter 4.
+
+    Args:
+        abar_t: alphas_cumprod at t: a float, or a float tensor (float64 where digits matter).
+        abar_s: alphas_cumprod at s, of the same kind and shape as ``abar_t``.
+
+    Returns:
+        ``(coef_x0, coef_xt, variance)``, each of the kind and shape of ``abar_t``.
+    """
+    sqrt = torch.sqrt if isinstance(abar_t, torch.Tensor) else math.sqrt
+    alpha = abar_t / abar_s  # the step's alpha; alphas[t] when s = t - 1
+    beta = 1.0 - alpha
+    coef_x0 = sqrt(abar_s) * beta / (1.0 - abar_t)
+    coef_xt = sqrt(alpha) * (1.0 - abar_s) / (1.0 - abar_t)
+    variance = beta * (1.0 - abar_s) / (1.0 - abar_t)
+    return coef_x0, coef_xt, variance
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:

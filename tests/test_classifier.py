@@ -10,12 +10,14 @@ from ddpm_lib.classifier import (
     CLASSIFIER_FILE,
     DigitsClassifier,
     classifier_accuracy,
+    digits_features,
+    digits_frechet_distance,
     format_judgement,
     judge_digits,
     load_digits_classifier,
     train_digits_classifier,
 )
-from ddpm_lib.data import load_digits
+from ddpm_lib.data import load_dataset, load_digits
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,20 @@ def test_format_judgement_is_one_line():
         "500 samples, 93.4% clear (p >= 0.9); classes 0-9 (%): 10 10 10 10 10 10 10 10 10 10"
     )
     assert len(line) <= 88  # fits a code-output line of the book
+
+
+def test_digits_frechet_distance_is_small_for_real_digits_and_grows_with_noise():
+    x_train = load_dataset("digits", split="train").tensors[0]
+    x_test = load_dataset("digits", split="test").tensors[0]
+    g = torch.Generator().manual_seed(0)
+    floor = digits_frechet_distance(x_train, x_test)
+    noisy = [
+        digits_frechet_distance(x_train, x_test + s * torch.randn(x_test.shape, generator=g))
+        for s in (0.1, 0.3, 0.6, 1.0)
+    ]
+    assert digits_frechet_distance(x_test, x_test) < 1e-6
+    assert floor < noisy[0] < noisy[1] < noisy[2] < noisy[3]
+    assert noisy[-1] > 10 * floor
+    assert digits_features(x_test[:5]).shape == (5, 128)
+    with pytest.raises(ValueError, match=r"^images must have shape \(N, 1, 8, 8\)"):
+        digits_features(torch.zeros(5, 1, 28, 28))

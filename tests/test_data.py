@@ -361,3 +361,18 @@ def test_a_data_loader_worker_error_is_reported_as_its_one_line_cause(tmp_path):
     message = str(info.value)
     assert str(images / "good_3.png") in message and "\n" not in message, message
     assert "Traceback" not in message
+
+
+def test_the_image_files_live_in_their_own_module_and_keep_their_old_names():
+    # data.py split by concept (issue 13): the offline sets stay, reading images from disk moved
+    # to image_sets, the cache folders to paths; every old name still imports from data.
+    import ddpm_lib.data as data
+    import ddpm_lib.image_sets as image_sets
+    import ddpm_lib.paths as paths
+
+    for name in ("DatasetNotFoundError", "ImageFolderDataset", "UnreadableImageError"):
+        assert getattr(data, name) is getattr(image_sets, name)
+    assert data.load_torchvision is image_sets.load_torchvision
+    assert data.to_unit_range is image_sets.to_unit_range
+    assert data.cache_root is paths.cache_root and data.default_data_root is paths.default_data_root
+    assert set(data.__all__) <= set(dir(data))

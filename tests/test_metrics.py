@@ -7,8 +7,10 @@ log-likelihood is known. Tolerances are stated in standard errors of the Monte C
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +19,6 @@ import torch
 
 from ddpm_lib import GaussianMixture, NoiseSchedule, load_dataset
 from ddpm_lib.metrics import (
-    digits_features,
-    digits_frechet_distance,
     discretized_gaussian_log_likelihood,
     frechet_distance,
     inception_fid,
@@ -214,21 +214,6 @@ def test_frechet_distance_of_two_gaussians_with_diagonal_covariances():
     assert abs(frechet_distance(a, b) - 2.0) < 0.05
 
 
-def test_digits_frechet_distance_is_small_for_real_digits_and_grows_with_noise():
-    x_train = load_dataset("digits", split="train").tensors[0]
-    x_test = load_dataset("digits", split="test").tensors[0]
-    g = torch.Generator().manual_seed(0)
-    floor = digits_frechet_distance(x_train, x_test)
-    noisy = [
-        digits_frechet_distance(x_train, x_test + s * torch.randn(x_test.shape, generator=g))
-        for s in (0.1, 0.3, 0.6, 1.0)
-    ]
-    assert digits_frechet_distance(x_test, x_test) < 1e-6
-    assert floor < noisy[0] < noisy[1] < noisy[2] < noisy[3]
-    assert noisy[-1] > 10 * floor
-    assert digits_features(x_test[:5]).shape == (5, 128)
-
-
 def test_sliced_wasserstein_of_a_shifted_set_is_the_projected_shift():
     """b = a + m: on direction u the sorted projections differ by u.m exactly, so SW^2 is the mean
     of (u.m)^2 over directions, |m|^2 / 2 in 2-D; with 4096 directions its standard error is
@@ -259,7 +244,6 @@ def test_sliced_wasserstein_separates_distributions_beyond_the_sampling_baseline
         (frechet_distance, (torch.zeros(1, 3), torch.zeros(5, 3)), "features_a"),
         (frechet_distance, (torch.zeros(5, 3), torch.zeros(5, 4)), "features_b"),
         (sliced_wasserstein, (torch.zeros(5, 2), torch.zeros(5, 3)), "b"),
-        (digits_features, (torch.zeros(5, 1, 28, 28),), "images"),
     ],
 )
 def test_distances_reject_bad_shapes(fn, args, name):
@@ -274,3 +258,20 @@ def test_distances_reject_bad_shapes(fn, args, name):
 def test_inception_fid_says_how_to_install_its_package():
     with pytest.raises(ImportError, match=r'pip install "torchmetrics\[image\]"'):
         inception_fid(torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32))
+
+
+def test_metrics_knows_no_classifier():
+    # metrics.py imports no network; the digits' features live next to the classifier.
+    import ddpm_lib.metrics
+
+    tree = ast.parse(Path(ddpm_lib.metrics.__file__).read_text())
+    imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert imported == {
+        "__future__",
+        "dataclasses",
+        "tqdm.auto",
+        "ddpm_lib._checks",
+        "ddpm_lib.diffusion",
+        "ddpm_lib.schedule",
+    }
+    assert not hasattr(ddpm_lib.metrics, "digits_features")

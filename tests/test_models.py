@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from ddpm_lib.config import DIGITS_UNET
 from ddpm_lib.models import (
-    DIGITS_UNET,
     MLP,
+    MODEL_CONFIGS,
     MODELS,
+    MLPConfig,
     TimeEmbedding,
     UNet,
+    UNetConfig,
     build_model,
     count_parameters,
     timestep_embedding,
@@ -333,3 +338,68 @@ def test_unet_parameter_count_grows_with_width():
     small = count_parameters(UNet(**DIGITS_UNET))
     wide = count_parameters(UNet(**dict(DIGITS_UNET, base_channels=64)))
     assert math.isclose(wide / small, 4, rel_tol=0.1)  # conv weights scale with width squared
+
+
+# --- configs: frozen dataclasses that check themselves (issue 13) ------------------------------
+
+
+def test_unet_config_checks_normalises_and_is_frozen():
+    config = UNetConfig(**dict(SMALL_UNET, channel_mult=[1, np.int64(2)], dropout=0))
+    assert config.channel_mult == (1, 2) and type(config.channel_mult[1]) is int
+    assert config.dropout == 0.0 and isinstance(config.dropout, float)
+    assert config.resolutions == [16, 8] and config.channels == [12, 24]
+    assert config.item_shape == (3, 16, 16)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.image_size = 32
+    assert hash(config) == hash(UNetConfig(**SMALL_UNET)) and config == UNetConfig(**SMALL_UNET)
+    with pytest.raises(ValueError, match=r"num_heads=5 must divide the 24 channels.*resolution 8"):
+        UNetConfig(**dict(SMALL_UNET, num_heads=5))
+    with pytest.raises(ValueError, match="in_channels must be an integer in"):
+        UNetConfig(in_channels=0)
+    with pytest.raises(TypeError, match="attention_resolutions must be a sequence of ints"):
+        UNetConfig(attention_resolutions=14)
+
+
+def test_a_model_is_built_from_its_config_or_from_an_old_checkpoint_dict():
+    # The dict as checkpoints written before issue 13 store it: JSON lists, every field named.
+    old_dict = json.loads(
+        '{"in_channels": 1, "image_size": 8, "base_channels": 32, "channel_mult": [1, 2], '
+        '"num_res_blocks": 1, "attention_resolutions": [4], "dropout": 0.0, "num_groups": 8, '
+        '"num_heads": 1}'
+    )
+    from_dict = build_model("unet", **old_dict)
+    from_config = build_model("unet", UNetConfig(**old_dict))
+    assert from_dict.config == old_dict == from_config.config
+    assert from_dict.hparams == from_config.hparams == UNetConfig(**DIGITS_UNET)
+    assert from_config.state_dict().keys() == from_dict.state_dict().keys()
+    mlp = build_model("mlp", MLPConfig(dim=3, hidden=8))
+    assert mlp.config == dict(dim=3, hidden=8, depth=3, time_dim=64) and mlp.dim == 3
+    with pytest.raises(TypeError, match="not both"):
+        UNet(UNetConfig(), image_size=8)
+    with pytest.raises(TypeError, match="UNetConfig"):
+        UNet(MLPConfig())
+    assert MODEL_CONFIGS == {"unet": UNetConfig, "mlp": MLPConfig}
+
+
+def test_models_expose_their_item_shape():
+    unet, mlp = UNet(**SMALL_UNET), MLP(dim=5)
+    assert unet.item_shape == (3, 16, 16) and mlp.item_shape == (5,)
+    assert (unet.in_channels, unet.image_size) == (3, 16)
+    for model in (unet, mlp):  # a batch of the item shape is what forward accepts
+        x = torch.zeros(2, *model.item_shape)
+        assert model(x, torch.tensor([0, 1])).shape == x.shape
+
+
+def test_both_networks_share_one_input_check():
+    unet, mlp = UNet(**SMALL_UNET), MLP(dim=3)
+    messages = []
+    for model, x in ((unet, torch.zeros(2, 3, 8, 8)), (mlp, torch.zeros(2, 4))):
+        with pytest.raises(ValueError) as info:
+            model(x, torch.tensor([0, 1]))
+        messages.append(str(info.value))
+        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+            model(x.tolist(), torch.tensor([0, 1]))
+    assert messages == [
+        "x must have shape (B, 3, 16, 16) (in_channels=3, image_size=16), got (2, 3, 8, 8)",
+        "x must have shape (B, 3) (dim=3), got (2, 4)",
+    ]

@@ -19,6 +19,20 @@ def test_image_grid_tiles_images_in_place():
     assert colour.shape == (2 * 6 + 1, 2 * 6 + 1, 3)
 
 
+def test_a_short_row_keeps_its_width_and_the_files_share_the_tiling(tmp_path):
+    from PIL import Image
+
+    from ddpm_lib.figures import save_sample_figure, tile_images
+
+    grid = image_grid(torch.zeros(2, 1, 3, 3), nrow=5)  # fewer images than a row holds
+    assert grid.shape == (3 + 2, 5 * 4 + 1) and np.all(grid[:, 9:] == 1.0)  # white beyond
+    images = torch.rand(9, 1, 4, 4) * 2 - 1
+    save_sample_figure(images, tmp_path / "grid.png")  # the trainer's grid: black padding
+    saved = np.asarray(Image.open(tmp_path / "grid.png").convert("L"), dtype=np.float32) / 255
+    expected = tile_images(images, nrow=3, background=0.0)[0].numpy()
+    assert saved.shape == expected.shape and np.abs(saved - expected).max() <= 1 / 255 + 1e-6
+
+
 def test_animations_are_one_self_contained_player_each():
     html = animate_images([torch.rand(4, 1, 8, 8) * 2 - 1 for _ in range(3)], titles=list("abc"))
     assert html.count('class="animation"') == 1 and "data:image/png;base64" in html

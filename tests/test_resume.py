@@ -31,7 +31,7 @@ DRIVER = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    import ddpm_lib.checkpoint as checkpoint
+    import ddpm_lib._io as atomic
     from ddpm_lib import training
     from ddpm_lib.cli import main
 
@@ -77,12 +77,12 @@ DRIVER = textwrap.dedent(
             return original_save(obj, f, *args, **kwargs)
         torch.save = save
     elif mode == "pre-rename":
-        original_replace = checkpoint.os.replace
+        original_replace = atomic.os.replace
         def replace(src, dst):
             if str(dst).endswith(f"ckpt_{at:08d}.pt"):
                 die()
             return original_replace(src, dst)
-        checkpoint.os.replace = replace
+        atomic.os.replace = replace
     sys.exit(main(sys.argv[3:]))
     """
 )

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lib.checkpoint import RunFolderError, checkpoint_path, list_checkpoints, load_checkpoint
+from ddpm_lib.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from ddpm_lib.cli import main
+from ddpm_lib.run_folder import RunFolderError
 from ddpm_lib.training import Trainer, default_config
 
 TINY = dict(batch_size=16, sample_n=2, sample_steps=2)

@@ -10,19 +10,11 @@ import pytest
 import torch
 
 from ddpm_lib import GaussianMixture, sample
-from ddpm_lib.checkpoint import (
-    RunFolderError,
-    list_checkpoints,
-    load_checkpoint,
-    model_from_checkpoint,
-)
-from ddpm_lib.training import (
-    BatchOrder,
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    default_config,
-)
+from ddpm_lib.batches import BatchOrder
+from ddpm_lib.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
+from ddpm_lib.config import TrainConfig, default_config
+from ddpm_lib.run_folder import RunFolderError
+from ddpm_lib.training import NonFiniteLossError, Trainer
 
 
 def quiet_trainer(config, **kwargs):
@@ -298,7 +290,7 @@ def test_a_resumed_log_holds_each_step_once(tmp_path):
 def test_saving_a_scatter_leaves_the_plotting_backend_alone(tmp_path):
     import matplotlib
 
-    from ddpm_lib.training import save_sample_figure
+    from ddpm_lib.figures import save_sample_figure
 
     before = matplotlib.get_backend()
     save_sample_figure(torch.randn(50, 2), tmp_path / "points.png")
@@ -354,6 +346,7 @@ def test_a_device_torch_does_not_have_is_refused_before_any_work(tmp_path, monke
 
 
 def test_a_network_too_large_for_memory_is_refused_before_allocating_it(tmp_path, monkeypatch):
+    import ddpm_lib.hardware as hardware
     import ddpm_lib.training as training
 
     monkeypatch.setattr(training, "build_model", lambda *a, **k: pytest.fail("allocated"))
@@ -362,7 +355,7 @@ def test_a_network_too_large_for_memory_is_refused_before_allocating_it(tmp_path
     with pytest.raises(ValueError, match=r"^model_config: the unet network has [\d,]+ parameters"):
         quiet_trainer(config)
     # The estimate is weights, gradients, two Adam moments and the EMA copy at 4 bytes each.
-    monkeypatch.setattr(training, "free_memory", lambda device: 1_000_000)
+    monkeypatch.setattr(hardware, "free_memory", lambda device: 1_000_000)
     with pytest.raises(ValueError, match=r"need about 0\.0 GB .* more than the 0\.0 GB free"):
         quiet_trainer(default_config("moons", out=str(tmp_path)))
 

@@ -7,11 +7,14 @@ in seconds on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_lib._checks import check_int, check_tensor
+from ddpm_lib._checks import check_config, check_int, check_model_input
 from ddpm_lib.models.embedding import TimeEmbedding
 
 
@@ -30,10 +33,9 @@ class ResidualMLPBlock(nn.Module):
         return h + self.fc2(F.silu(z))
 
 
-class MLP(nn.Module):
-    """Residual MLP that predicts the noise eps in points x_t of shape (B, dim): ``model(x_t, t)``.
-
-    Explained in chapter 5 (training).
+@dataclass(frozen=True)
+class MLPConfig:
+    """The MLP's hyperparameters, checked when made (like nanoGPT's ``GPTConfig``).
 
     Args:
         dim: dimension of the data points (2 for the toy sets).
@@ -42,25 +44,68 @@ class MLP(nn.Module):
         time_dim: size of the sinusoidal timestep embedding.
     """
 
-    def __init__(
-        self, *, dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int = 64
-    ) -> None:
-        super().__init__()
-        dim = check_int("dim", dim, low=1)
-        hidden = check_int("hidden", hidden, low=1)
-        depth = check_int("depth", depth, low=1)
-        time_dim = check_int("time_dim", time_dim, low=1)
-        self.config = dict(dim=dim, hidden=hidden, depth=depth, time_dim=time_dim)
-        self.dim = dim
+    dim: int = 2
+    hidden: int = 128
+    depth: int = 3
+    time_dim: int = 64
 
-        self.time_embedding = TimeEmbedding(time_dim, hidden)
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden", "depth", "time_dim"):  # frozen: normalise each value once
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low=1))
+
+    @property
+    def item_shape(self) -> tuple[int]:
+        """The shape of one point, (dim,)."""
+        return (self.dim,)
+
+    def to_dict(self) -> dict:
+        """The fields as a dict of JSON values: what checkpoints store."""
+        return dataclasses.asdict(self)
+
+
+class MLP(nn.Module):
+    """Residual MLP that predicts the noise eps in points x_t of shape (B, dim): ``model(x_t, t)``.
+
+    Explained in chapter 5 (training).
+
+    Args:
+        config: an ``MLPConfig``; or leave it out and pass its fields (dim, hidden, depth,
+            time_dim) as keyword arguments, e.g. ``MLP(**model.config)`` (a checkpoint's dict).
+
+    Attributes:
+        hparams: the ``MLPConfig``.
+        config: the same as a dict, which rebuilds it: ``MLP(**model.config)``.
+        item_shape: the shape of one input point, (dim,).
+    """
+
+    def __init__(self, config: MLPConfig | None = None, /, **kwargs: object) -> None:
+        super().__init__()
+        self.hparams = check_config(MLPConfig, config, kwargs)
+        dim, hidden = self.hparams.dim, self.hparams.hidden
+
+        self.time_embedding = TimeEmbedding(self.hparams.time_dim, hidden)
         self.input = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(ResidualMLPBlock(hidden) for _ in range(depth))
+        self.blocks = nn.ModuleList(ResidualMLPBlock(hidden) for _ in range(self.hparams.depth))
         self.norm = nn.LayerNorm(hidden)
         self.output = nn.Linear(hidden, dim)
         # Start by predicting eps = 0, the mean of the target: the first steps are not wasted.
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+        self._input_described = f"dim={dim}"
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments: ``MLP(**model.config)`` rebuilds the network."""
+        return self.hparams.to_dict()
+
+    @property
+    def item_shape(self) -> tuple[int]:
+        """The shape of one input point, (dim,)."""
+        return self.hparams.item_shape
+
+    @property
+    def dim(self) -> int:
+        return self.hparams.dim
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predict the noise in ``x``.
@@ -72,16 +117,7 @@ class MLP(nn.Module):
         Returns:
             The predicted eps, of shape (B, dim).
         """
-        check_tensor("x", x)
-        check_tensor("t", t)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(
-                f"x must have shape (B, {self.dim}) (dim={self.dim}), got {tuple(x.shape)}"
-            )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        t = check_model_input(x, t, self.item_shape, self._input_described)
 
         temb = self.time_embedding(t)  # (B, hidden)
         h = self.input(x)

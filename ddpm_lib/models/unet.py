@@ -9,28 +9,22 @@ scale-shift time conditioning and a zero-initialised output, so an untrained mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_lib._checks import check_int, check_real, check_tensor
-from ddpm_lib.models.embedding import TimeEmbedding
-
-# A U-Net for scikit-learn's 8x8 digits that trains usefully in 10 minutes on two CPU cores:
-# two levels (8x8 and 4x4), attention at 4x4 and in the middle, 0.76 M parameters.
-DIGITS_UNET = dict(
-    in_channels=1,
-    image_size=8,
-    base_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    dropout=0.0,
-    num_groups=8,
-    num_heads=1,
+from ddpm_lib._checks import (
+    check_config,
+    check_int,
+    check_int_sequence,
+    check_model_input,
+    check_real,
 )
+from ddpm_lib.models.embedding import TimeEmbedding
 
 
 def group_count(channels: int, num_groups: int) -> int:
@@ -132,12 +126,13 @@ class _Level(nn.Module):
         return self.attention(self.block(x, temb))
 
 
-class UNet(nn.Module):
-    """U-Net that predicts the noise eps in x_t, called as ``model(x_t, t)``.
+@dataclass(frozen=True)
+class UNetConfig:
+    """The U-Net's hyperparameters, checked when made (like nanoGPT's ``GPTConfig``).
 
     Explained in chapter 5 (training). Levels run from ``image_size`` down to
     ``image_size / 2**(len(channel_mult) - 1)``; level i has ``base_channels * channel_mult[i]``
-    channels. The middle block (lowest resolution) always has self-attention, as in Ho et al.
+    channels. ``UNetConfig(**model.config)`` rebuilds the config a checkpoint stores as a dict.
 
     Args:
         in_channels: channels of the images (1 for grey, 3 for colour).
@@ -151,103 +146,125 @@ class UNet(nn.Module):
         num_heads: attention heads; must divide the channel count of each attention level.
     """
 
-    def __init__(
-        self,
-        *,
-        in_channels: int = 1,
-        image_size: int = 28,
-        base_channels: int = 64,
-        channel_mult: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int = 2,
-        attention_resolutions: Sequence[int] = (14,),
-        dropout: float = 0.1,
-        num_groups: int = 32,
-        num_heads: int = 1,
-    ) -> None:
-        super().__init__()
-        in_channels = check_int("in_channels", in_channels, low=1)
-        image_size = check_int("image_size", image_size, low=1)
-        base_channels = check_int("base_channels", base_channels, low=1)
-        num_res_blocks = check_int("num_res_blocks", num_res_blocks, low=1)
-        dropout = check_real("dropout", dropout, low=0.0, high=1.0, high_open=True)
-        num_groups = check_int("num_groups", num_groups, low=1)
-        num_heads = check_int("num_heads", num_heads, low=1)
-        if isinstance(channel_mult, (str, bytes)) or not isinstance(channel_mult, Sequence):
-            raise TypeError(f"channel_mult must be a sequence of ints, got {channel_mult!r}")
-        if len(channel_mult) == 0:
-            raise ValueError("channel_mult must hold at least one positive int, got ()")
-        channel_mult = [check_int("channel_mult[i]", m, low=1) for m in channel_mult]
-        if isinstance(attention_resolutions, (str, bytes)) or not isinstance(
-            attention_resolutions, Sequence
-        ):
-            raise TypeError(
-                f"attention_resolutions must be a sequence of ints, got {attention_resolutions!r}"
-            )
-        attention_resolutions = [
-            check_int("attention_resolutions[i]", r, low=1) for r in attention_resolutions
-        ]
+    in_channels: int = 1
+    image_size: int = 28
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (14,)
+    dropout: float = 0.1
+    num_groups: int = 32
+    num_heads: int = 1
 
-        factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor:
+    def __post_init__(self) -> None:
+        fix = functools.partial(object.__setattr__, self)  # frozen: normalise each value once
+        for name in ("in_channels", "image_size", "base_channels", "num_res_blocks"):
+            fix(name, check_int(name, getattr(self, name), low=1))
+        fix("dropout", check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True))
+        fix("num_groups", check_int("num_groups", self.num_groups, low=1))
+        fix("num_heads", check_int("num_heads", self.num_heads, low=1))
+        fix(
+            "channel_mult",
+            check_int_sequence("channel_mult", self.channel_mult, low=1, nonempty=True),
+        )
+        fix(
+            "attention_resolutions",
+            check_int_sequence("attention_resolutions", self.attention_resolutions, low=1),
+        )
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if self.image_size % factor:
             accepted = [s for s in range(factor, 4 * factor + 1, factor)]
             raise ValueError(
-                f"image_size={image_size} is not divisible by 2**(len(channel_mult) - 1) = "
-                f"{factor} for channel_mult={tuple(channel_mult)}; accepted image sizes are "
+                f"image_size={self.image_size} is not divisible by 2**(len(channel_mult) - 1) = "
+                f"{factor} for channel_mult={self.channel_mult}; accepted image sizes are "
                 f"multiples of {factor} (e.g. {accepted}), or use fewer levels in channel_mult"
             )
-        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
-        unknown = sorted(set(attention_resolutions) - set(resolutions))
+        unknown = sorted(set(self.attention_resolutions) - set(self.resolutions))
         if unknown:
             raise ValueError(
-                f"attention_resolutions={tuple(attention_resolutions)} holds {unknown}, which "
-                f"is no resolution of this U-Net; accepted values are {resolutions} "
-                f"(image_size={image_size}, channel_mult={tuple(channel_mult)})"
+                f"attention_resolutions={self.attention_resolutions} holds {unknown}, which "
+                f"is no resolution of this U-Net; accepted values are {self.resolutions} "
+                f"(image_size={self.image_size}, channel_mult={self.channel_mult})"
             )
-        for res, mult in zip(resolutions, channel_mult, strict=True):
-            if res in attention_resolutions and (base_channels * mult) % num_heads:
+        for res, channels in zip(self.resolutions, self.channels, strict=True):
+            if res in self.attention_resolutions and channels % self.num_heads:
                 raise ValueError(
-                    f"num_heads={num_heads} must divide the {base_channels * mult} channels of the "
+                    f"num_heads={self.num_heads} must divide the {channels} channels of the "
                     f"attention level at resolution {res}"
                 )
-        if (base_channels * channel_mult[-1]) % num_heads:
+        if self.channels[-1] % self.num_heads:
             raise ValueError(
-                f"num_heads={num_heads} must divide the {base_channels * channel_mult[-1]} "
+                f"num_heads={self.num_heads} must divide the {self.channels[-1]} "
                 "channels of the middle block"
             )
 
-        self.config = dict(
-            in_channels=in_channels,
-            image_size=image_size,
-            base_channels=base_channels,
-            channel_mult=list(channel_mult),
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=list(attention_resolutions),
-            dropout=dropout,
-            num_groups=num_groups,
-            num_heads=num_heads,
-        )
-        self.in_channels = in_channels
-        self.image_size = image_size
+    @property
+    def resolutions(self) -> list[int]:
+        """The side in pixels of each level, from ``image_size`` down."""
+        return [self.image_size // 2**i for i in range(len(self.channel_mult))]
+
+    @property
+    def channels(self) -> list[int]:
+        """The channels of each level: ``base_channels * channel_mult[i]``."""
+        return [self.base_channels * mult for mult in self.channel_mult]
+
+    @property
+    def item_shape(self) -> tuple[int, int, int]:
+        """The shape of one image, (in_channels, image_size, image_size)."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON values (lists for the tuples): what checkpoints store."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+
+
+class UNet(nn.Module):
+    """U-Net that predicts the noise eps in x_t, called as ``model(x_t, t)``.
+
+    Explained in chapter 5 (training). See ``UNetConfig`` for the levels and the arguments. The
+    middle block (lowest resolution) always has self-attention, as in Ho et al.
+
+    Args:
+        config: a ``UNetConfig``; or leave it out and pass its fields as keyword arguments,
+            e.g. ``UNet(**DIGITS_UNET)`` or ``UNet(**model.config)`` (a checkpoint's dict).
+
+    Attributes:
+        hparams: the ``UNetConfig``.
+        config: the same as a dict of JSON values, which rebuilds it: ``UNet(**model.config)``.
+        item_shape: the shape of one input image, (in_channels, image_size, image_size).
+    """
+
+    def __init__(self, config: UNetConfig | None = None, /, **kwargs: object) -> None:
+        super().__init__()
+        self.hparams = check_config(UNetConfig, config, kwargs)
+        cfg = self.hparams
+        base_channels, dropout = cfg.base_channels, cfg.dropout
+        num_groups, num_heads = cfg.num_groups, cfg.num_heads
+        resolutions = cfg.resolutions
+        self._input_described = f"in_channels={cfg.in_channels}, image_size={cfg.image_size}"
 
         time_dim = 4 * base_channels  # Ho et al.: the embedding is 4x the base width
         self.time_embedding = TimeEmbedding(base_channels, time_dim)
-        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.input_conv = nn.Conv2d(cfg.in_channels, base_channels, 3, padding=1)
 
         def level(c_in: int, c_out: int, res: int) -> _Level:
             block = ResidualBlock(c_in, c_out, time_dim, dropout, num_groups)
-            attend = res in attention_resolutions
+            attend = res in cfg.attention_resolutions
             return _Level(block, AttentionBlock(c_out, num_heads, num_groups) if attend else None)
 
         # Way down: remember the channels of every output that is passed across as a skip.
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
         ch = base_channels
-        for i, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(level(ch, base_channels * mult, resolutions[i]))
-                ch = base_channels * mult
+        for i, channels in enumerate(cfg.channels):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(level(ch, channels, resolutions[i]))
+                ch = channels
                 skip_channels.append(ch)
-            if i < len(channel_mult) - 1:
+            if i < len(cfg.channel_mult) - 1:
                 self.down.append(Downsample(ch))
                 skip_channels.append(ch)
 
@@ -257,19 +274,37 @@ class UNet(nn.Module):
 
         # Way up: each block takes one skip, so there is one block more per level than down.
         self.up = nn.ModuleList()
-        for i, mult in reversed(list(enumerate(channel_mult))):
-            for _ in range(num_res_blocks + 1):
+        for i, channels in reversed(list(enumerate(cfg.channels))):
+            for _ in range(cfg.num_res_blocks + 1):
                 c_in = ch + skip_channels.pop()
-                self.up.append(level(c_in, base_channels * mult, resolutions[i]))
-                ch = base_channels * mult
+                self.up.append(level(c_in, channels, resolutions[i]))
+                ch = channels
             if i > 0:
                 self.up.append(Upsample(ch))
 
         self.output = nn.Sequential(
             nn.GroupNorm(group_count(ch, num_groups), ch),
             nn.SiLU(),
-            _zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)),
+            _zero_init(nn.Conv2d(ch, cfg.in_channels, 3, padding=1)),
         )
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments as JSON values: ``UNet(**model.config)`` rebuilds the net."""
+        return self.hparams.to_dict()
+
+    @property
+    def item_shape(self) -> tuple[int, int, int]:
+        """The shape of one input image, (in_channels, image_size, image_size)."""
+        return self.hparams.item_shape
+
+    @property
+    def in_channels(self) -> int:
+        return self.hparams.in_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predict the noise in ``x``.
@@ -281,19 +316,7 @@ class UNet(nn.Module):
         Returns:
             The predicted eps, of the shape of ``x``.
         """
-        check_tensor("x", x)
-        check_tensor("t", t)
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"x must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
-                f"(in_channels={self.in_channels}, image_size={self.image_size}), "
-                f"got {tuple(x.shape)}"
-            )
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        t = check_model_input(x, t, self.item_shape, self._input_described)
 
         temb = self.time_embedding(t)  # (B, 4 * base_channels)
         h = self.input_conv(x)
