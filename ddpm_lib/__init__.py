@@ -22,11 +22,12 @@ from ddpm_lib.diffusion import (
     q_posterior,
     q_sample,
     q_sample_iterative,
+    x0_from_eps,
 )
 from ddpm_lib.ema import EMA
 from ddpm_lib.metrics import frechet_distance, sliced_wasserstein, variational_bound
 from ddpm_lib.mixture import GaussianMixture
-from ddpm_lib.models import MLP, UNet, build_model, count_parameters
+from ddpm_lib.models import MLP, MLPConfig, UNet, UNetConfig, build_model, count_parameters
 from ddpm_lib.samplers import (
     Trajectory,
     ddim_step,
@@ -34,12 +35,13 @@ from ddpm_lib.samplers import (
     sample,
     timestep_sequence,
 )
-from ddpm_lib.schedule import NoiseSchedule, extract
+from ddpm_lib.schedule import NoiseSchedule, extract, posterior_coefficients
 from ddpm_lib.training import Trainer
 
 __all__ = [
     "EMA",
     "MLP",
+    "MLPConfig",
     "CheckpointError",
     "GaussianMixture",
     "NoiseSchedule",
@@ -47,6 +49,7 @@ __all__ = [
     "Trainer",
     "Trajectory",
     "UNet",
+    "UNetConfig",
     "__version__",
     "build_model",
     "count_parameters",
@@ -63,6 +66,7 @@ __all__ = [
     "load_dataset",
     "load_digits_classifier",
     "model_from_checkpoint",
+    "posterior_coefficients",
     "predict_eps",
     "predict_x0",
     "q_posterior",
@@ -73,4 +77,5 @@ __all__ = [
     "sliced_wasserstein",
     "timestep_sequence",
     "variational_bound",
+    "x0_from_eps",
 ]

@@ -183,10 +183,21 @@ def variational_bound(
         B = chunk.shape[0]
         chunk_terms = torch.empty(B, T, device=device)
         chunk_mse = torch.empty(B, T, device=device)
-        for step in range(T - 1, -1, -1):
-            t = torch.full((B,), step, device=device, dtype=torch.long)
-            noise = torch.randn(chunk.shape, generator=generator, device=device, dtype=chunk.dtype)
-            x_t = q_sample(schedule, chunk, t, noise)
+        # Several steps share one network call, up to batch_size examples: a network called on a
+        # few examples costs nearly as much as on hundreds. The noise is drawn step by step in
+        # the same order as one step at a time, so the result does not depend on the grouping.
+        steps_per_call = max(1, batch_size // B)
+        for first in range(T - 1, -1, -steps_per_call):
+            steps = list(range(first, max(first - steps_per_call, -1), -1))
+            repeated = chunk.repeat(len(steps), *([1] * (chunk.ndim - 1)))  # (k B, ...)
+            t = torch.tensor(steps, device=device).repeat_interleave(B)
+            noise = torch.cat(
+                [
+                    torch.randn(chunk.shape, generator=generator, device=device, dtype=chunk.dtype)
+                    for _ in steps
+                ]
+            )
+            x_t = q_sample(schedule, repeated, t, noise)
             eps = model(x_t, t)
             x0_pred = predict_x0(schedule, x_t, t, eps)
             if clip_x0:
@@ -194,25 +205,26 @@ def variational_bound(
             # The model's reverse mean is the posterior mean with x_0 replaced by its prediction
             # (Ho et al. eq. 7 and 11).
             model_mean = posterior_mean(schedule, x0_pred, x_t, t)
-            model_log_var = extract(log_var, t, chunk.shape)
-            if step == 0:  # L_0 = -log p(x_0 | x_1)
+            model_log_var = extract(log_var, t, repeated.shape)
+            # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t >= 1 ...
+            true_mean = posterior_mean(schedule, repeated, x_t, t)
+            true_log_var = extract(schedule.posterior_log_variance_clipped, t, repeated.shape)
+            term = normal_kl(true_mean, true_log_var, model_mean, model_log_var)
+            if steps[-1] == 0:  # ... and L_0 = -log p(x_0 | x_1) for the last B rows
+                mean_0, log_var_0 = model_mean[-B:], model_log_var[-B:]
                 if levels is None:
-                    term = 0.5 * (
-                        math.log(2 * math.pi)
-                        + model_log_var
-                        + (chunk - model_mean) ** 2 / model_log_var.exp()
+                    term[-B:] = 0.5 * (
+                        math.log(2 * math.pi) + log_var_0 + (chunk - mean_0) ** 2 / log_var_0.exp()
                     )
                 else:
-                    term = -discretized_gaussian_log_likelihood(
-                        chunk, model_mean, 0.5 * model_log_var, levels
+                    term[-B:] = -discretized_gaussian_log_likelihood(
+                        chunk, mean_0, 0.5 * log_var_0, levels
                     )
-            else:  # L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
-                true_mean = posterior_mean(schedule, chunk, x_t, t)
-                true_log_var = extract(schedule.posterior_log_variance_clipped, t, chunk.shape)
-                term = normal_kl(true_mean, true_log_var, model_mean, model_log_var)
-            chunk_terms[:, step] = term.flatten(1).sum(dim=1) / (dims * LN2)  # nats -> bits/dim
-            chunk_mse[:, step] = (eps - noise).flatten(1).pow(2).mean(dim=1)
-            bar.update()
+            bits = term.flatten(1).sum(dim=1) / (dims * LN2)  # nats -> bits/dim, (k B,)
+            mse_per_item = (eps - noise).flatten(1).pow(2).mean(dim=1)
+            chunk_terms[:, steps] = bits.view(len(steps), B).T.to(chunk_terms.dtype)
+            chunk_mse[:, steps] = mse_per_item.view(len(steps), B).T.to(chunk_mse.dtype)
+            bar.update(len(steps))
         # L_T = KL(q(x_T | x_0) || N(0, I)); no parameters, but it says how much signal is left.
         t_last = torch.full((B,), T - 1, device=device, dtype=torch.long)
         mean_T = extract(schedule.sqrt_alphas_cumprod, t_last, chunk.shape) * chunk
