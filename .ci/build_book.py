@@ -27,6 +27,9 @@ LANGUAGES = {
         # Chinese search splits words with jieba (pinned in requirements.txt); without it Sphinx
         # would fall back to single characters.
         "html_search_language": "zh",
+        # myst-nb's toggle of folded code cells (the chapters fold code with hide-input only).
+        "nb_code_prompt_show": "显示代码",
+        "nb_code_prompt_hide": "隐藏代码",
     },
 }
 DEFAULT_OUT = {"html": "_build/html/{lang}", "gettext": "_build/gettext"}
