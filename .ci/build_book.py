@@ -84,6 +84,9 @@ def main(argv: list[str]) -> int:
             print(f"html needs a language: one of {sorted(LANGUAGES)}", file=sys.stderr)
             return 2
         language, rest = rest[0], rest[1:]
+    if rest and rest[0].startswith("-"):
+        print(f"unknown option {rest[0]}: only an output folder may follow", file=sys.stderr)
+        return 2
     short = language.split("_")[0] if language else ""
     outdir = Path(rest[0]) if rest else ROOT / DEFAULT_OUT[builder].format(lang=short)
     return build(builder, language, outdir.resolve())
