@@ -8,12 +8,14 @@ Each language and builder keeps its own doctree cache, so the builds stay increm
 
 Usage (from the repository root; `make book` / `make translations` call it):
     python .ci/build_book.py html zh_CN [OUTDIR]   # the Chinese site, default _build/html/zh
+                                                   # (built in _build/zh/html, then copied)
     python .ci/build_book.py gettext [OUTDIR]      # message templates, default _build/gettext
 Both run with warnings as errors, --nitpick and --keep-going, as `make book` does for English.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,8 +50,8 @@ def build(builder: str, language: str | None, outdir: Path) -> int:
     tag = language or builder
     # The default folders share _build/ with the English build; another folder (the tests' tmp
     # folder) gets its own cache beside it, so that parallel test workers never share one.
-    default = (ROOT / DEFAULT_OUT[builder].format(lang=tag.split("_")[0])).resolve()
-    if outdir == default:
+    defaults = {ROOT / "_build" / tag.split("_")[0] / "html", ROOT / DEFAULT_OUT["gettext"]}
+    if outdir in defaults:
         doctrees = ROOT / "_build" / f".doctrees-{tag}"
     else:
         doctrees = outdir.with_name(outdir.name + ".doctrees")
@@ -73,6 +75,13 @@ def build(builder: str, language: str | None, outdir: Path) -> int:
     return int(result or 0)
 
 
+def publish(built: Path, site: Path) -> None:
+    """Replace the edition's folder of the site with the fresh build."""
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(built, site)
+    print(f"build_book: copied to {site}")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in DEFAULT_OUT:
         print(__doc__, file=sys.stderr)
@@ -88,8 +97,17 @@ def main(argv: list[str]) -> int:
         print(f"unknown option {rest[0]}: only an output folder may follow", file=sys.stderr)
         return 2
     short = language.split("_")[0] if language else ""
-    outdir = Path(rest[0]) if rest else ROOT / DEFAULT_OUT[builder].format(lang=short)
-    return build(builder, language, outdir.resolve())
+    if rest:
+        return build(builder, language, Path(rest[0]).resolve())
+    if builder == "gettext":
+        return build(builder, None, ROOT / DEFAULT_OUT["gettext"])
+    # myst-nb writes its images to <outdir>/../jupyter_execute: were the outdir _build/html/zh,
+    # that folder would land inside the English site. So build in _build/zh/html, then copy.
+    built = ROOT / "_build" / short / "html"
+    status = build(builder, language, built)
+    if status == 0:
+        publish(built, ROOT / DEFAULT_OUT["html"].format(lang=short))
+    return status
 
 
 if __name__ == "__main__":
