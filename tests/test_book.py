@@ -25,7 +25,8 @@ STRAY_IN_ERROR_DEMO = re.compile(r"Traceback|Warning|No CUDA runtime is found")
 def toc_chapters() -> list[Path]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [c["file"] for part in toc.get("parts", []) for c in part["chapters"]]
-    return [ROOT / f"{f}.ipynb" for f in files]
+    # Markdown pages in the TOC (the glossary) are not chapters.
+    return [ROOT / f"{f}.ipynb" for f in files if not (ROOT / f"{f}.md").is_file()]
 
 
 CHAPTERS = toc_chapters()
