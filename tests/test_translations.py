@@ -59,7 +59,8 @@ MATH = re.compile(r"\$\$.+?\$\$|\$[^$\n]+?\$", re.DOTALL)
 LINK = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")  # [text](target "title")
 AUTOLINK = re.compile(r"<((?:https?|mailto):[^>\s]+)>")
 # A number of the prose ("31", "93.5%", "10,000", "2e-4"'s 4), not a word such as "2-D" or "5x".
-NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*(?![\w-]|[.,]\d)")
+# ASCII word characters only: Chinese writes numbers against its characters ("算法1", "6倍").
+NUMBER = re.compile(r"(?<![A-Za-z0-9_.])\d+(?:[.,]\d+)*(?![A-Za-z0-9_-]|[.,]\d)")
 
 
 def _role_token(match: re.Match) -> str:
