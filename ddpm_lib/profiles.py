@@ -102,7 +102,10 @@ class Profile:
         fresh = True  # no checkpoint, or one of another config: delete what is there, train anew
         if found is not None:
             path, state = found
-            saved = {k: v for k, v in state["config"].items() if k != "out"}
+            # Options added to TrainConfig after the run was saved take their defaults, which
+            # is how that run was trained: a new option must not retrain every cached model.
+            defaults = TrainConfig().to_dict()
+            saved = {k: v for k, v in {**defaults, **state["config"]}.items() if k != "out"}
             if saved == wanted and state["step"] >= config.steps:
                 log(f"loaded the cached run {name!r} (step {state['step']}) from {path}")
                 model, schedule = model_from_checkpoint(state, path=path)

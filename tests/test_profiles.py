@@ -2,6 +2,7 @@
 
 import pytest
 
+from ddpm_lib.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ddpm_lib.profiles import Profile, default_profile, profile
 from ddpm_lib.training import default_config
 
@@ -72,3 +73,19 @@ def test_load_or_train_resumes_an_unfinished_run_and_replaces_a_broken_one(tmp_p
     messages.clear()
     _, _, state = P.load_or_train("toy", config, progress=False, log=messages.append)
     assert state["step"] == 4 and messages[0].startswith("overwrite: removed config.json")
+
+
+def test_a_cached_run_from_before_a_new_option_still_loads(tmp_path, monkeypatch):
+    # A run saved before TrainConfig had some option (here class_dropout, added for chapter 9)
+    # was trained with that option's default: it must load, not be deleted and retrained.
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    P = Profile("smoke")
+    config = default_config("moons", steps=2, batch_size=16, sample_n=2, sample_steps=2)
+    P.load_or_train("toy", config, progress=False, log=lambda m: None)
+    for path in list_checkpoints(P.run_folder("toy")):
+        state = load_checkpoint(path)
+        del state["config"]["class_dropout"]
+        save_checkpoint(state, path)
+    messages = []
+    P.load_or_train("toy", config, progress=False, log=messages.append)
+    assert messages and "loaded the cached run 'toy'" in messages[-1]
