@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test book lint notebooks clean browser-check
+.PHONY: test book lint notebooks clean browser-check translations
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,8 @@ test: lint
 		-n $(TEST_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-sanitize-with .ci/nbval_sanitize.cfg book/[0-9]*.ipynb
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+	$(BIN)/python .ci/build_book.py html zh_CN
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_translations.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Re-execute every chapter in the cpu profile (the budget of the committed outputs) and save it
@@ -44,14 +46,23 @@ notebooks: $(STAMP)
 	done
 	$(BIN)/python .ci/normalize_notebooks.py book/*.ipynb
 
+# English at _build/html/, Chinese at _build/html/zh/ (from locales/zh_CN: .ci/build_book.py, which
+# adds language = zh_CN to Jupyter Book's own configuration; both with -W, --nitpick, --keep-going).
 book: $(STAMP)
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+	$(BIN)/python .ci/build_book.py html zh_CN
+
+# Regenerate the Chinese catalogs from the current English: new messages appear untranslated,
+# changed ones become fuzzy (tests/test_translations.py fails on both until they are translated).
+translations: $(STAMP)
+	$(BIN)/python .ci/build_book.py gettext
+	$(BIN)/sphinx-intl update -p _build/gettext -l zh_CN -d locales --line-width -1
 
 # Every page of the built book in headless Chromium with the network off: math typeset, images
 # loaded, animation controls present, no console errors. Needs Debian's chromium; not in `make test`.
 browser-check: book
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r .ci/browser-requirements.txt
-	$(BIN)/python .ci/browser_check.py _build/html
+	$(BIN)/python .ci/browser_check.py _build/html _build/html/zh
 
 clean:
 	rm -rf _build

@@ -6,8 +6,15 @@ every image has loaded; every animation shows its controls; no code cell needs a
 scroll bar; the console has no errors. Also
 reports the width of the text column, which `ddpm_lib.plotting.PAGE_WIDTH` is sized for.
 
-Usage (after `make book`): `make browser-check`, or python .ci/browser_check.py [_build/html]
-Needs Debian's chromium (/usr/bin/chromium) and the playwright package (no browser download).
+Every page also carries the link to the same page in the other edition (it must point to a
+built file of the same name). On a Chinese page (<html lang="zh-CN">) the Chinese text must be
+drawn with a CJK font that has its glyphs (no tofu boxes): Chromium reports the fonts it used for
+the title and the first paragraph.
+
+Usage (after `make book`): `make browser-check`, or
+python .ci/browser_check.py [_build/html [_build/html/zh ...]]   (each folder one edition)
+Needs Debian's chromium (/usr/bin/chromium), a CJK font (fonts-noto-cjk) for the Chinese pages,
+and the playwright package (no browser download).
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ FLAGS = [
     "--disable-sync",
 ]
 RAW_TEX = re.compile(r"\\\(|\\\[|\$\$")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+# Fonts of the zh edition's stack (book/_static/ddpm.css) that hold CJK glyphs.
+CJK_FONTS = re.compile(r"CJK|Source Han|PingFang|Hiragino|YaHei|WenQuanYi|Droid Sans Fallback")
 
 PAGE_REPORT = """() => {
     document.querySelectorAll("details").forEach(d => { d.open = true; });  // folded code too
@@ -53,11 +63,51 @@ PAGE_REPORT = """() => {
 }"""
 
 
+def cjk_fonts(page) -> dict[str, list[str]]:
+    """The fonts Chromium drew the Chinese title and first Chinese paragraph with."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    root = cdp.send("DOM.getDocument")["root"]["nodeId"]
+    used = {}
+    for selector in ("article h1", "article p"):
+        for node in cdp.send("DOM.querySelectorAll", {"nodeId": root, "selector": selector})[
+            "nodeIds"
+        ][:40]:
+            html = cdp.send("DOM.getOuterHTML", {"nodeId": node})["outerHTML"]
+            if CJK.search(re.sub(r"<[^>]+>", "", html)):
+                fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+                used[selector] = [f"{f['familyName']} ({f['glyphCount']})" for f in fonts]
+                break
+    cdp.detach()
+    return used
+
+
+def check_language_link(page, page_path: Path) -> list[str]:
+    link = page.locator("a.ddpm-other-language")
+    if link.count() != 1:
+        return [f"language link: {link.count()} found, expected 1"]
+    target = page.evaluate("() => document.querySelector('a.ddpm-other-language').href")
+    if not target.startswith("file:"):
+        return [f"language link leaves the site: {target}"]
+    other = Path(target.removeprefix("file://").split("#")[0])
+    if not other.is_file():
+        return [f"language link to a missing page: {other}"]
+    if other.name != page_path.name or other.resolve() == page_path.resolve():
+        return [f"language link to another page: {other}"]
+    return []
+
+
 def check_page(browser, page_path: Path) -> list[str]:
     """Load one page; return the problems found (empty when it reads as it should)."""
     problems: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+
+    def console(message):
+        if message.type == "error":
+            problems.append(f"console: {message.text}")
+
+    page.on("console", console)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
 
     def only_local(route):
@@ -73,7 +123,19 @@ def check_page(browser, page_path: Path) -> list[str]:
         page.wait_for_function("window.MathJax?.startup?.promise", timeout=20_000)
         page.evaluate("() => MathJax.startup.promise")
     r = page.evaluate(PAGE_REPORT)
+    problems += check_language_link(page, page_path)
+    chinese = page.evaluate("() => document.documentElement.lang").startswith("zh")
+    # DevTools' CSS domain logs a console error of its own on file: pages: stop listening first.
+    page.remove_listener("console", console)
+    fonts = cjk_fonts(page) if chinese else {}
     page.close()
+    if chinese:
+        for selector in ("article h1", "article p"):
+            used = fonts.get(selector)
+            if not used:
+                problems.append(f"no Chinese text in {selector}: untranslated page?")
+            elif not any(CJK_FONTS.search(f) for f in used):
+                problems.append(f"Chinese {selector} drawn without a CJK font (tofu): {used}")
     if r["mathSource"] and r["mathTypeset"] < r["mathSource"]:
         problems.append(f"math typeset {r['mathTypeset']} of {r['mathSource']}")
     raw = RAW_TEX.search(r["text"])
@@ -83,19 +145,25 @@ def check_page(browser, page_path: Path) -> list[str]:
     problems += [f"code wider than the column: {line!r}" for line in r["wideCode"]]
     if r["withControls"] < r["animations"]:
         problems.append(f"animations with controls {r['withControls']} of {r['animations']}")
+    cjk = next((f for f in fonts.get("article p", []) if CJK_FONTS.search(f)), "")
+    name = f"{page_path.parent.parent.name}/{page_path.stem}"
     summary = (
-        f"{page_path.stem:20} math {r['mathTypeset']:4}/{r['mathSource']:<4} images {r['images']:3}"
+        f"{name:24} math {r['mathTypeset']:4}/{r['mathSource']:<4} images {r['images']:3}"
         f"  animations {r['animations']}  column {r['column']} px"
+        + (f"  font {cjk}" if cjk else "")
     )
     print(summary + ("  OK" if not problems else "  FAILED"))
     return problems
 
 
-def main(root: str = "_build/html") -> int:
-    pages = sorted(Path(root).glob("book/*.html"))
-    if not pages:
-        print(f"no pages under {root}/book: run `make book` first")
-        return 2
+def main(*roots: str) -> int:
+    pages = []
+    for root in roots or ("_build/html",):
+        found = sorted(Path(root).glob("book/*.html"))
+        if not found:
+            print(f"no pages under {root}/book: run `make book` first")
+            return 2
+        pages += found
     failed = 0
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -1,12 +1,14 @@
 #!/bin/sh
 # Screenshot every page of the built book in headless Chromium (no kernel, no network), to check
-# that figures and animations show. Usage: .ci/screenshots.sh [out_dir]   (after `make book`)
+# that figures and animations show. Usage: .ci/screenshots.sh [out_dir] [site_dir]   (after
+# `make book`; site_dir _build/html by default, _build/html/zh for the Chinese edition)
 # Needs Debian's chromium (apt-get install chromium); not part of `make test`.
 set -eu
 cd "$(dirname "$0")/.."
 out="${1:-_build/screenshots}"
+site="${2:-_build/html}"
 mkdir -p "$out"
-for page in _build/html/book/*.html; do
+for page in "$site"/book/*.html; do
     name=$(basename "$page" .html)
     chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
         --disable-background-networking --disable-component-update --disable-sync \

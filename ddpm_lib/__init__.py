@@ -25,6 +25,7 @@ from ddpm_lib.diffusion import (
     x0_from_eps,
 )
 from ddpm_lib.ema import EMA
+from ddpm_lib.guidance import NULL_CLASS, drop_labels, guided_eps
 from ddpm_lib.metrics import frechet_distance, sliced_wasserstein, variational_bound
 from ddpm_lib.mixture import GaussianMixture
 from ddpm_lib.models import MLP, MLPConfig, UNet, UNetConfig, build_model, count_parameters
@@ -42,6 +43,7 @@ __all__ = [
     "EMA",
     "MLP",
     "MLPConfig",
+    "NULL_CLASS",
     "CheckpointError",
     "GaussianMixture",
     "NoiseSchedule",
@@ -58,9 +60,11 @@ __all__ = [
     "ddpm_step",
     "default_config",
     "diffusion_loss",
+    "drop_labels",
     "digits_frechet_distance",
     "extract",
     "frechet_distance",
+    "guided_eps",
     "judge_digits",
     "load_checkpoint",
     "load_dataset",

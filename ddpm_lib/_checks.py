@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -112,6 +113,21 @@ def check_config(cls: type, config: object, kwargs: dict) -> object:
             f"{type(config).__name__} and {sorted(kwargs)}"
         )
     return config
+
+
+def config_to_dict(config: object) -> dict:
+    """A network config dataclass as JSON values (lists for tuples): what checkpoints store.
+
+    ``num_classes`` is left out when None, so an unconditional network's dict is what it was
+    before conditioning existed (older checkpoints and the book's caches keep matching).
+    """
+    values = {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in dataclasses.asdict(config).items()
+    }
+    if values.get("num_classes", 0) is None:
+        del values["num_classes"]
+    return values
 
 
 def check_model_input(

@@ -53,14 +53,18 @@ def training_batches(
     stop: int,
     device: torch.device,
     *,
+    labels: bool = False,
     num_workers: int = 0,
     seed: int = 0,
-) -> Iterator[torch.Tensor]:
-    """Yield the training batch x0 of each step from ``start`` to ``stop`` - 1, on ``device``."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(x0, y)`` for each step from ``start`` to ``stop`` - 1, on ``device``: the training
+    batch and, with ``labels``, its class labels (else None)."""
     if isinstance(dataset, TensorDataset):  # in memory: index directly, no loader
         data = dataset.tensors[0].to(device)
+        classes = dataset.tensors[1].to(device) if labels else None
         for step in range(start, stop):
-            yield data[order.indices(step).to(device)]
+            index = order.indices(step).to(device)
+            yield data[index], (classes[index] if labels else None)
         return
     loader = DataLoader(
         dataset,
@@ -73,8 +77,8 @@ def training_batches(
         generator=torch.Generator().manual_seed(seed),
     )
     try:
-        for x, _ in loader:
-            yield x.to(device, non_blocking=True)
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), (y.to(device) if labels else None)
     except Exception as e:
         if "DataLoader worker" not in str(e):
             raise

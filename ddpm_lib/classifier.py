@@ -176,22 +176,27 @@ def load_digits_classifier(
 
 @torch.no_grad()
 def judge_digits(
-    samples: torch.Tensor, classifier: DigitsClassifier | None = None, confidence: float = 0.9
+    samples: torch.Tensor,
+    classifier: DigitsClassifier | None = None,
+    confidence: float = 0.9,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """How digit-like a batch of 8x8 samples is, in the eyes of the digits classifier.
 
-    Explained in chapter 6.
+    Explained in chapter 6; ``labels`` (the classes that were asked for) in chapter 9.
 
     Args:
         samples: images of shape (N, 1, 8, 8) in [-1, 1].
         classifier: a ``DigitsClassifier``; defaults to ``load_digits_classifier()``.
         confidence: probability of the top class above which a sample counts as a clear digit,
             in (0, 1).
+        labels: the class each sample was asked to be, shape (N,); optional.
 
     Returns:
         ``dict(confident_share, class_histogram, n)``: the share of samples whose top class has
         probability >= ``confidence``; the shares of the 10 classes among all samples, by argmax;
-        the number of samples.
+        the number of samples. With ``labels`` also ``on_class_share``, the share of samples
+        confidently classified as the class asked for.
     """
     check_tensor("samples", samples)
     if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, 8, 8) or samples.shape[0] < 1:
@@ -199,16 +204,26 @@ def judge_digits(
     confidence = check_real(
         "confidence", confidence, low=0.0, high=1.0, low_open=True, high_open=True
     )
+    if labels is not None:
+        check_tensor("labels", labels)
+        if labels.shape != (samples.shape[0],):
+            raise ValueError(
+                f"labels must have shape (N,) = ({samples.shape[0]},), got {tuple(labels.shape)}"
+            )
     classifier = load_digits_classifier() if classifier is None else classifier
     device = next(classifier.parameters()).device
     probs = classifier.eval()(samples.to(device, torch.float32)).softmax(dim=1).cpu()  # (N, 10)
     top, predicted = probs.max(dim=1)
     histogram = torch.bincount(predicted, minlength=NUM_CLASSES).float() / len(predicted)
-    return dict(
+    judgement = dict(
         confident_share=(top >= confidence).float().mean().item(),
         class_histogram=histogram.tolist(),
         n=len(predicted),
     )
+    if labels is not None:
+        on_class = (top >= confidence) & (predicted == labels.cpu())
+        judgement["on_class_share"] = on_class.float().mean().item()
+    return judgement
 
 
 @torch.no_grad()
@@ -254,17 +269,21 @@ def digits_frechet_distance(
 
 def format_judgement(judgement: dict, confidence: float = 0.9) -> str:
     """One printout line (83 characters for three-digit counts), for example
-    ``500 samples, 93.0% clear (p >= 0.9); classes 0-9 (%): 10 9 11 ...``.
+    ``500 samples, 93.0% clear (p >= 0.9); classes 0-9 (%): 10 9 11 ...``, and a second one
+    with the share clearly of the class asked for when the judgement has it.
 
     Args:
         judgement: the result of ``judge_digits``.
         confidence: the threshold that ``judge_digits`` used, for the label.
     """
     shares = " ".join(f"{100 * s:.0f}" for s in judgement["class_histogram"])
-    return (
+    line = (
         f"{judgement['n']} samples, {100 * judgement['confident_share']:.1f}% clear "
         f"(p >= {confidence:g}); classes 0-9 (%): {shares}"
     )
+    if "on_class_share" in judgement:  # a second line: the first fills a printout's width
+        line += f"\n{100 * judgement['on_class_share']:.1f}% clearly the class asked for"
+    return line
 
 
 if __name__ == "__main__":  # python -m ddpm_lib.classifier: train, time and score it

@@ -24,6 +24,7 @@ from ddpm_lib.classifier import format_judgement, judge_digits, load_digits_clas
 from ddpm_lib.config import TrainConfig, default_config, option_help, option_type
 from ddpm_lib.data import dataset_info, load_dataset
 from ddpm_lib.figures import FIGURE_FORMATS, save_sample_figure
+from ddpm_lib.guidance import num_classes_of
 from ddpm_lib.hardware import pick_device
 from ddpm_lib.metrics import variational_bound
 from ddpm_lib.models import count_parameters
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete the run that --out holds (config.json, metrics.jsonl, checkpoints, sample "
         "grids) and start afresh",
     )
+    train.add_argument(
+        "--conditional",
+        action="store_true",
+        help="train a class-conditional network with the default label dropout (--class-dropout "
+        "0.1): sample it with --class and --guidance (chapter 9)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sample = commands.add_parser(
@@ -132,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="samples.png", help="image grid or scatter plot (.png, .jpg, .pdf, ...)"
     )
     sample.add_argument("--save-tensor", default=None, help="also save the samples as a .pt file")
+    sample.add_argument(
+        "--class",
+        dest="label",
+        type=int,
+        default=None,
+        help="conditional models: the class to sample (default: unconditional)",
+    )
+    sample.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale w >= 0 with --class: 0 ignores the class, 1 plain "
+        "conditional (default), more guides harder",
+    )
     sample.add_argument(
         "--judge", action="store_true", help="digits only: report the digits classifier's verdict"
     )
@@ -154,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    flags = ("command", "resume", "overwrite", "quiet")
+    flags = ("command", "resume", "overwrite", "quiet", "conditional")
     options = {k: v for k, v in vars(args).items() if k not in flags}
+    if args.conditional:
+        options.setdefault("class_dropout", 0.1)
     out = Path(options.get("out") or f"runs/{options.get('data', 'digits')}")
     saved = out / "config.json"
     if args.resume and saved.is_file():  # the run's own settings, with the options given on top
@@ -196,6 +219,9 @@ def _sample(args: argparse.Namespace) -> int:
     check_choice("sampler", args.sampler, SAMPLERS)
     check_choice("variance", args.variance, VARIANCES)
     check_real("eta", args.eta, low=0)
+    check_real("guidance", args.guidance, low=0)
+    if args.guidance != 1 and args.label is None:
+        raise ValueError("--guidance needs --class (the class to guide towards)")
     out = Path(args.out)
     if out.suffix.lower() not in FIGURE_FORMATS:
         raise ValueError(
@@ -209,6 +235,14 @@ def _sample(args: argparse.Namespace) -> int:
             f"judge applies to 8x8 digits only, but {args.checkpoint} was trained on "
             f"{state['config']['data']} ({'x'.join(map(str, item_shape))})"
         )
+    classes = num_classes_of(model)
+    if args.label is not None:
+        if classes is None:
+            raise ValueError(
+                f"--class needs a conditional model, but {args.checkpoint} is unconditional "
+                "(trained without --class-dropout / --conditional)"
+            )
+        check_int("class", args.label, low=0, high=classes - 1)
     generator = torch.Generator(device).manual_seed(args.seed)
     chunks = []
     for start in range(0, args.n, args.batch_size):
@@ -226,6 +260,8 @@ def _sample(args: argparse.Namespace) -> int:
                 generator=generator,
                 device=device,
                 progress=sys.stderr.isatty(),
+                labels=None if args.label is None else torch.full((n,), args.label),
+                guidance_scale=args.guidance,
             ).cpu()
         )
     x = torch.cat(chunks)
@@ -236,7 +272,8 @@ def _sample(args: argparse.Namespace) -> int:
         torch.save(x, args.save_tensor)
         print(f"wrote the tensor to {args.save_tensor}")
     if args.judge:
-        print(format_judgement(judge_digits(x, load_digits_classifier())))
+        labels = None if args.label is None else torch.full((len(x),), args.label)
+        print(format_judgement(judge_digits(x, load_digits_classifier(), labels=labels)))
     return 0
 
 
@@ -294,6 +331,7 @@ def _info(args: argparse.Namespace) -> int:
         f"data         {state['config'].get('data')}",
         f"network      {state['model_name']}, {count_parameters(model):,} parameters",
         f"model config {json.dumps(state['model_config'])}",
+        f"classes      {_describe_classes(state)}",
         f"schedule     {schedule!r}",
     ]
     metrics = path.parent / "metrics.jsonl"
@@ -304,6 +342,17 @@ def _info(args: argparse.Namespace) -> int:
     lines.append(f"config       {json.dumps(state['config'])}")
     print("\n".join(lines))
     return 0
+
+
+def _describe_classes(state: dict) -> str:
+    classes = state["model_config"].get("num_classes")
+    if classes is None:
+        return "unconditional"
+    dropout = state["config"].get("class_dropout")
+    return (
+        f"conditional, {classes} classes (0-{classes - 1}; label dropout {dropout}): "
+        "ddpm sample --class K --guidance W"
+    )
 
 
 class _Terminated(KeyboardInterrupt):

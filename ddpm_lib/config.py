@@ -19,6 +19,7 @@ from ddpm_lib._checks import check_choice, check_int, check_real
 from ddpm_lib.data import DATASETS, dataset_info
 from ddpm_lib.ema import DECAY_RANGE
 from ddpm_lib.hardware import AMP_MODES, DEVICES, SWITCHES
+from ddpm_lib.image_sets import folder_classes
 from ddpm_lib.schedule import SCHEDULE_KINDS
 
 MODEL_NAMES = ("auto", "unet", "mlp")
@@ -77,6 +78,15 @@ class TrainConfig:
     )
     model_config: dict = _option(
         help="JSON of network arguments, e.g. '{\"base_channels\": 64}'", factory=dict
+    )
+    class_dropout: float | None = _option(
+        None,
+        "train a class-conditional network for classifier-free guidance, replacing this share "
+        "of the labels by 'no class' so that it also learns the unconditional case (Ho & "
+        "Salimans use 0.1-0.2), in {range}; unset: unconditional",
+        low=0,
+        high=1,
+        high_open=True,
     )
     # diffusion
     schedule: str = _option(
@@ -157,11 +167,36 @@ class TrainConfig:
             )
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out must be a folder, but {self.out} is a file")
+        if self.conditional:
+            self.num_classes()  # refuses a data set without labels
         return self
+
+    @property
+    def conditional(self) -> bool:
+        """Whether this run trains a class-conditional network (``class_dropout`` is set)."""
+        return self.class_dropout is not None
+
+    def num_classes(self) -> int:
+        """The number of classes of the data: what a conditional network is built for."""
+        classes = dataset_info(self.data)["num_classes"]
+        if self.data == "folder":  # one subfolder per class, if the images are so arranged
+            classes = len(folder_classes(self.data_root)) or None
+        if classes is None:
+            what = (
+                "its images lie in fewer than two class subfolders"
+                if self.data == "folder"
+                else "it has no labels"
+            )
+            raise ValueError(
+                f"class_dropout (a conditional run) needs a labelled data set, but {self.data!r} "
+                f"is not: {what}; labelled sets: moons, ring, digits, mnist, fashion_mnist, "
+                "cifar10, or a folder with one subfolder per class"
+            )
+        return classes
 
     def network(self) -> tuple[str, dict]:
         """The network this run trains: its name and constructor arguments (the data set's
-        channels, image size or dimension filled in)."""
+        channels, image size or dimension, and for a conditional run its classes, filled in)."""
         info = dataset_info(self.data)
         name = self.model if self.model != "auto" else ("mlp" if info["kind"] == "2d" else "unet")
         config = dict(self.model_config)
@@ -174,6 +209,8 @@ class TrainConfig:
             if info["kind"] != "2d":
                 raise ValueError(f"model 'mlp' needs 2-D data, but {self.data!r} is images")
             config["dim"] = info["dim"]
+        if self.conditional:
+            config["num_classes"] = self.num_classes()
         return name, config
 
     def to_dict(self) -> dict:

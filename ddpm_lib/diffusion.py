@@ -209,6 +209,7 @@ def diffusion_loss(
     *,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ho et al.'s Algorithm 1: the simple loss || eps - eps_theta(x_t, t) ||^2.
 
@@ -225,6 +226,8 @@ def diffusion_loss(
         noise: the eps added, shape of ``x0``; standard normal when omitted.
         generator: random generator for t and noise.
         reduction: "mean" for a scalar, "none" for one loss per item, shape (B,).
+        labels: for a conditional model, the classes (B,) it is told, -1 for "no class"
+            (chapter 9); the model is then called as ``model(x_t, t, labels)``.
     """
     x0 = check_batch("x0", x0)
     if reduction not in ("mean", "none"):
@@ -237,7 +240,7 @@ def diffusion_loss(
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     check_same_shape("noise", noise, "x0", x0)
     x_t = _noised(schedule, x0, t, noise)
-    eps_pred = model(x_t, t)
+    eps_pred = model(x_t, t) if labels is None else model(x_t, t, labels)
     check_same_shape("model output", eps_pred, "x0", x0)
     per_item = F.mse_loss(eps_pred.float(), noise.float(), reduction="none")
     per_item = per_item.reshape(x0.shape[0], -1).mean(dim=1)  # (B, ...) -> (B,)

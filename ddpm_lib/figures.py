@@ -40,13 +40,14 @@ def tile_images(
     return grid[:c]  # make_grid repeats a single channel three times: (3, H, W) -> (1, H, W)
 
 
-def save_sample_figure(x: torch.Tensor, path: Path) -> None:
-    """A grid of images, or a scatter plot of 2-D points, written to ``path`` (its extension,
-    one of ``FIGURE_FORMATS``, picks the format)."""
+def save_sample_figure(x: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """A grid of images (``nrow`` a row, default about sqrt(N)), or a scatter plot of 2-D points,
+    written to ``path`` (its extension, one of ``FIGURE_FORMATS``, picks the format)."""
     if x.ndim == 4:
         from torchvision.utils import save_image  # a slow import (see tile_images)
 
-        save_image(tile_images(x, nrow=max(1, int(math.sqrt(x.shape[0]))), background=0.0), path)
+        nrow = nrow or max(1, int(math.sqrt(x.shape[0])))
+        save_image(tile_images(x, nrow=nrow, background=0.0), path)
         return
     fig = Figure(figsize=(4, 4), dpi=80)  # a bare Figure with its own Agg canvas: no pyplot
     FigureCanvasAgg(fig)
@@ -65,9 +66,14 @@ def write_sample_figure(
     steps: int,
     seed: int,
     device: torch.device,
+    classes: int | None = None,
 ) -> None:
-    """Sample ``shape`` from ``model`` with ``steps`` DDIM steps (seeded) and save the figure."""
+    """Sample ``shape`` from ``model`` with ``steps`` DDIM steps (seeded) and save the figure.
+
+    A conditional model (``classes`` = K) samples the classes 0, 1, ..., K-1, 0, 1, ... in turn,
+    so that each column of an image grid holds one class; a 2-D scatter shows them mixed."""
     generator = torch.Generator(device).manual_seed(seed)
+    labels = None if classes is None else torch.arange(shape[0], device=device) % classes
     x = sample(model, schedule, shape, sampler="ddim", steps=steps, generator=generator,
-               device=device, progress=False)  # fmt: skip
-    save_sample_figure(x.float().cpu(), path)
+               device=device, progress=False, labels=labels)  # fmt: skip
+    save_sample_figure(x.float().cpu(), path, nrow=classes)

@@ -113,7 +113,9 @@ class ImageFolderDataset(Dataset):
     """Every image below ``root`` (recursively), centre-cropped to a square and resized.
 
     Explained in chapter 3. Files with the extensions in ``IMAGE_EXTENSIONS`` are read in sorted
-    order; each item is ``(x, -1)`` with x of shape (channels, image_size, image_size) in [-1, 1].
+    order; each item is ``(x, y)`` with x of shape (channels, image_size, image_size) in [-1, 1]
+    and y the class: when every image lies in a subfolder of ``root`` and there are at least two,
+    the subfolders are the classes (``classes``, sorted; y is the index), else y = -1.
     8-bit images are scaled from [0, 255], 16-bit ones from [0, 65535]. Every file is checked
     once when the data set is made (see ``verify``): a broken image stops a run before it
     starts, not hours into it.
@@ -152,6 +154,11 @@ class ImageFolderDataset(Dataset):
             raise DatasetNotFoundError(
                 f"no image ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root} or its subfolders"
             )
+        self.classes = folder_classes(self.root, self.files)
+        self.labels = [
+            self.classes.index(p.relative_to(self.root).parts[0]) if self.classes else -1
+            for p in self.files
+        ]
         if verify:
             self.verify(progress=len(self.files) > 1000 if progress is None else progress)
 
@@ -187,7 +194,23 @@ class ImageFolderDataset(Dataset):
             pixels = pixels[:, :, None].expand(-1, -1, self.channels)  # (H, W) -> (H, W, C)
         x = pixels.permute(2, 0, 1).float()  # (H, W, C) -> (C, H, W)
         x = x.clamp(0, 1) if dtype == np.float32 else x / 255  # bicubic overshoots in float
-        return x * 2 - 1, -1
+        return x * 2 - 1, self.labels[index]
+
+
+def folder_classes(root: str | os.PathLike, files: list[Path] | None = None) -> list[str]:
+    """The class names of an image folder: its subfolders, sorted, when every image lies in one
+    of them and there are at least two; else [] (an unlabelled folder).
+
+    Args:
+        root: the image folder.
+        files: its image files, if already listed.
+    """
+    root = Path(root).expanduser()
+    if files is None:
+        files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    tops = {p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None
+            for p in files}  # fmt: skip
+    return [] if None in tops or len(tops) < 2 else sorted(tops)
 
 
 @contextmanager

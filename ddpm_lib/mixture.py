@@ -15,9 +15,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ddpm_lib._checks import check_int, check_real, check_timesteps
 from ddpm_lib._random import randn
+from ddpm_lib.guidance import NULL_CLASS, check_labels
 from ddpm_lib.schedule import NoiseSchedule
 
 
@@ -151,35 +153,86 @@ class GaussianMixture:
         means, variances = self.noised(schedule.alphas_cumprod.to(x_t.device)[t])
         return torch.logsumexp(self._log_components(x_t, means, variances), dim=1)
 
-    def eps_oracle(self, schedule: NoiseSchedule):
+    def eps_oracle(self, schedule: NoiseSchedule, component: int | None = None) -> NoiseOracle:
         """The perfect noise predictor for this data: ``model(x_t, t) = E[eps | x_t]``.
 
         E[eps | x_t] = -sqrt(1 - abar_t) grad_x log q(x_t), and for a mixture the score is the
-        responsibility-weighted score of each noised component.
+        responsibility-weighted score of each noised component. Labels make it the exact
+        conditional predictor: ``model(x_t, t, y) = E[eps | x_t, y]``, component y's own closed
+        form (y = -1: the whole mixture), which is what guided sampling needs (chapter 9).
 
         Explained in chapter 4.
 
         Args:
             schedule: the noise schedule the data are noised with.
+            component: None for the mixture (a conditional model with K classes, one per
+                component); k in [0, K-1] for component k alone (an unconditional model).
 
         Returns:
-            a callable ``model(x_t, t)`` taking (B, D) points and a LongTensor t of shape (B,),
-            returning (B, D) in the dtype of ``x_t``.
+            a callable ``model(x_t, t)`` / ``model(x_t, t, y)`` taking (B, D) points, a LongTensor
+            t of shape (B,) and optional labels (B,), returning (B, D) in the dtype of ``x_t``.
         """
+        if component is not None:
+            component = check_int("component", component, low=0, high=self.n_components - 1)
+        return NoiseOracle(self, schedule, component)
 
-        def oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if x_t.ndim != 2 or x_t.shape[1] != self.dim:
-                raise ValueError(f"x_t must have shape (B, {self.dim}), got {tuple(x_t.shape)}")
-            t = check_timesteps(t, schedule.T, x_t.shape[0])
-            abar = schedule.alphas_cumprod.to(x_t.device)[t]
-            means, variances = self.noised(abar)
-            weights = torch.softmax(self._log_components(x_t, means, variances), dim=1)
-            diff = x_t.to(torch.float64)[:, None, :] - means  # (B, D) -> (B, K, D)
-            score = -(weights[..., None] * diff / variances).sum(dim=1)  # (B, K, D) -> (B, D)
-            sigma = (1.0 - abar.to(torch.float64)).sqrt()[:, None]  # (B,) -> (B, 1)
-            return (-sigma * score).to(x_t.dtype)
+    def tilted_log_density(self, x: torch.Tensor, component: int, w: float) -> torch.Tensor:
+        """log of p(x | k) p(k | x)^(w - 1), unnormalised, shape (B,), in float64.
 
-        return oracle
+        The density that classifier-free guidance with scale w is often said to sample (its score
+        is the guided score at t = 0); chapter 9 measures how far guided sampling is from it.
+
+        Args:
+            x: points, shape (B, D).
+            component: the class k, in [0, K-1].
+            w: the guidance scale, >= 0.
+        """
+        k = check_int("component", component, low=0, high=self.n_components - 1)
+        w = check_real("w", w, low=0.0)
+        var = (self.stds**2).to(x.device)[None]  # (K, D) -> (1, K, D)
+        log_joint = self._log_components(x, self.means.to(x.device)[None], var)  # (B, K)
+        log_class_given_x = log_joint[:, k] - torch.logsumexp(log_joint, dim=1)
+        log_x_given_class = log_joint[:, k] - self.weights[k].log()
+        return log_x_given_class + (w - 1.0) * log_class_given_x
 
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.n_components}, D={self.dim})"
+
+
+class NoiseOracle:
+    """E[eps | x_t] (or E[eps | x_t, y]) of a ``GaussianMixture``: ``GaussianMixture.eps_oracle``.
+
+    Attributes:
+        num_classes: K when it answers for the mixture (labels pick a component), None when it
+            answers for one fixed component.
+    """
+
+    def __init__(
+        self, mixture: GaussianMixture, schedule: NoiseSchedule, component: int | None
+    ) -> None:
+        self.mixture, self.schedule, self.component = mixture, schedule, component
+        self.num_classes = mixture.n_components if component is None else None
+
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        mixture, K = self.mixture, self.mixture.n_components
+        if x_t.ndim != 2 or x_t.shape[1] != mixture.dim:
+            raise ValueError(f"x_t must have shape (B, {mixture.dim}), got {tuple(x_t.shape)}")
+        t = check_timesteps(t, self.schedule.T, x_t.shape[0])
+        abar = self.schedule.alphas_cumprod.to(x_t.device)[t]
+        means, variances = mixture.noised(abar)
+        if self.component is not None:
+            if y is not None:
+                raise ValueError(f"this oracle answers for component {self.component} only: no y")
+            y = torch.full((x_t.shape[0],), self.component, device=x_t.device)
+        # Responsibilities p(k | x_t), replaced by certainty for the items that name a class.
+        weights = torch.softmax(mixture._log_components(x_t, means, variances), dim=1)  # (B, K)
+        if y is not None:
+            y = check_labels(y, K, x_t.shape[0]).to(x_t.device)
+            known = F.one_hot(y.clamp(min=0), K).to(weights.dtype)  # (B,) -> (B, K)
+            weights = torch.where((y != NULL_CLASS)[:, None], known, weights)
+        diff = x_t.to(torch.float64)[:, None, :] - means  # (B, D) -> (B, K, D)
+        score = -(weights[..., None] * diff / variances).sum(dim=1)  # (B, K, D) -> (B, D)
+        sigma = (1.0 - abar.to(torch.float64)).sqrt()[:, None]  # (B,) -> (B, 1)
+        return (-sigma * score).to(x_t.dtype)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ddpm_lib._checks import check_choice, check_int, check_real, check_tensor
 from ddpm_lib._random import randn
 from ddpm_lib.diffusion import EpsModel, eps_from_x0, x0_from_eps
+from ddpm_lib.guidance import check_guidance_scale, check_labels, guided_eps, num_classes_of
 from ddpm_lib.schedule import NoiseSchedule, posterior_coefficients
 
 SAMPLERS = ("ddpm", "ddim")
@@ -174,10 +175,16 @@ def sample(
     x_T: torch.Tensor | None = None,
     return_trajectory: bool | int = False,
     progress: bool = True,
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
     """Generate data from pure noise: Algorithm 2 (``sampler="ddpm"``) or DDIM.
 
-    Explained in chapter 6.
+    Explained in chapter 6; ``labels`` and ``guidance_scale`` in chapter 9. With labels, every
+    step uses the classifier-free guided noise eps_uncond + w (eps_cond - eps_uncond) (see
+    ``ddpm_lib.guidance.guided_eps``): w = 0 ignores the labels, w = 1 is plain conditional
+    sampling, w > 1 guides harder. Ho & Salimans write (1 + w') eps_cond - w' eps_uncond, the
+    same mix with w' = w - 1.
 
     Args:
         model: noise predictor called as ``model(x_t, t)``; put in eval mode while sampling.
@@ -194,6 +201,9 @@ def sample(
         return_trajectory: False; True to record every step; an int K to record K evenly spaced
             steps (the first and last included) without holding all T states in memory.
         progress: show a tqdm progress bar.
+        labels: conditional models only: the class of each sample, LongTensor (B,) with values
+            in [0, K-1], or -1 (``NULL_CLASS``) for no class; None samples unconditionally.
+        guidance_scale: w >= 0, the classifier-free guidance scale; not 1 only with labels.
 
     Returns:
         The samples x_0, shape ``shape``; with ``return_trajectory``, also a ``Trajectory``.
@@ -215,6 +225,9 @@ def sample(
     ):
         raise ValueError(f"shape must be a non-empty tuple of positive ints (B, ...), got {shape}")
     timesteps = timestep_sequence(schedule.T, steps)
+    guidance_scale = check_guidance_scale(guidance_scale, labels)
+    if labels is not None:
+        labels = check_labels(labels, num_classes_of(model), shape[0])
     n_records = _record_count(return_trajectory, len(timesteps))
     device = torch.device(device) if device is not None else _model_device(model)
     if x_T is not None:
@@ -228,6 +241,8 @@ def sample(
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
+        if labels is not None:
+            labels = labels.to(device)
         x = (
             x_T.to(device).float()
             if x_T is not None
@@ -239,7 +254,11 @@ def sample(
         for i, t in tqdm(loop, desc=f"{sampler} sampling", disable=not progress, leave=False):
             s = timesteps[len(timesteps) - 2 - i] if i < len(timesteps) - 1 else -1
             abar_t, abar_s = abar[t], (abar[s] if s >= 0 else 1.0)
-            eps = model(x, torch.full((shape[0],), t, dtype=torch.long, device=device))
+            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
+            if labels is None:
+                eps = model(x, t_batch)
+            else:
+                eps = guided_eps(model, x, t_batch, labels, guidance_scale)
             if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:  # broadcasting hides it
                 got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
                 raise ValueError(f"model output must have the shape of x_t {shape}, got {got}")

@@ -25,6 +25,7 @@ from ddpm_lib.data import load_dataset
 from ddpm_lib.diffusion import diffusion_loss
 from ddpm_lib.ema import EMA
 from ddpm_lib.figures import write_sample_figure
+from ddpm_lib.guidance import check_labels, drop_labels
 from ddpm_lib.hardware import (
     allocation_errors,
     autocast,
@@ -116,13 +117,16 @@ class Trainer:
         # What the training step calls: under DDP and/or torch.compile, the same weights.
         self.net = wrap_for_training(model, self.device, self.world_size, cfg.compile)
 
-    def train_step(self, x0: torch.Tensor) -> float:
-        """One optimisation step of Algorithm 1; returns the loss."""
+    def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+        """One optimisation step of Algorithm 1 (with labels for a conditional run); returns the
+        loss."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = self.noise_generator
+        if self.config.conditional:  # label dropout: the same net learns "no class" (chapter 9)
+            labels = drop_labels(labels, self.config.class_dropout, generator=noise)
         with autocast(self.device, self.amp_dtype):
-            loss = diffusion_loss(self.net, self.schedule, x0, generator=noise)
+            loss = diffusion_loss(self.net, self.schedule, x0, generator=noise, labels=labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -158,10 +162,10 @@ class Trainer:
         cfg, start_step = self.config, self.step
         with self.folder.locked(), self._stop:
             with self._start() as log:
-                for x0 in self._batches():
+                for x0, labels in self._batches():
                     if self._stop.requested(self.world_size, self.device):
                         break  # checked between steps: each step is whole
-                    log.add(self.train_step(x0))
+                    log.add(self.train_step(x0, labels))
                     if self.step % cfg.log_every == 0:
                         log.write(self.step, lr=self.lr_scheduler.get_last_lr()[0])
                     if cfg.sample_every and self.step % cfg.sample_every == 0:
@@ -190,10 +194,11 @@ class Trainer:
                           say=self.say)  # fmt: skip
 
     def _batches(self):
-        """The training batch x0 of each remaining step, on the device."""
+        """``(x0, labels)`` of each remaining step, on the device (labels None if unconditional)."""
         cfg = self.config
         return training_batches(self.dataset, self.order, self.step, cfg.steps, self.device,
-                                num_workers=cfg.num_workers, seed=cfg.seed)  # fmt: skip
+                                labels=cfg.conditional, num_workers=cfg.num_workers,
+                                seed=cfg.seed)  # fmt: skip
 
     def _finish(self, start_step: int, log: MetricsLog) -> dict:
         """The last checkpoint and sample grid, and the run's summary (or the stop's error)."""
@@ -214,8 +219,9 @@ class Trainer:
             return None
         cfg, path = self.config, self.folder.sample_grid(self.step)
         shape = (cfg.sample_n, *self.ema.shadow.item_shape)  # the unwrapped network
+        classes = self.model_config.get("num_classes")  # conditional: one class per column
         write_sample_figure(self.ema.shadow, self.schedule, shape, path, steps=cfg.sample_steps,
-                            seed=cfg.seed, device=self.device)  # fmt: skip
+                            seed=cfg.seed, device=self.device, classes=classes)  # fmt: skip
         return path
 
     def state_dict(self) -> dict:
@@ -275,9 +281,12 @@ def _check_run_options(cfg: TrainConfig, resume: bool, overwrite: bool, world_si
 
 
 def _training_set(cfg: TrainConfig) -> torch.utils.data.Dataset:
-    return load_dataset(cfg.data, root=cfg.data_root, split="train", download=cfg.download,
-                        image_size=cfg.image_size, n=cfg.n_data,
-                        generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    dataset = load_dataset(cfg.data, root=cfg.data_root, split="train", download=cfg.download,
+                           image_size=cfg.image_size, n=cfg.n_data,
+                           generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    if cfg.conditional and isinstance(dataset, torch.utils.data.TensorDataset):
+        check_labels(dataset.tensors[1], cfg.num_classes(), len(dataset))  # before any step
+    return dataset
 
 
 def adamw_with_warmup(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):

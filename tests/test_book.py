@@ -26,7 +26,8 @@ STRAY_IN_ERROR_DEMO = re.compile(r"Traceback|Warning|No CUDA runtime is found")
 def toc_chapters() -> list[Path]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [c["file"] for part in toc.get("parts", []) for c in part["chapters"]]
-    return [ROOT / f"{f}.ipynb" for f in files]
+    # Markdown pages in the TOC (the glossary) are not chapters.
+    return [ROOT / f"{f}.ipynb" for f in files if not (ROOT / f"{f}.md").is_file()]
 
 
 CHAPTERS = toc_chapters()
@@ -223,3 +224,18 @@ def test_every_claim_has_a_verdict(path):
     for row in rows:
         verdict = row.rstrip(" |").rsplit(" | ", 1)[1].lower()
         assert verdict.startswith(VERDICTS), row
+
+
+LIST_MARKER = re.compile(r"^\s*(?:[-+*]|\d+[.)])\s")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_no_display_formula_line_starts_like_a_list_item(path):
+    """Inside $$ ... $$ spread over lines, a line that starts with "+ " (or "- ", "1. ") is read
+    by MyST as a list item: the formula breaks in two (and so does its translation). Put the
+    operator at the end of the line before."""
+    for source in markdown_sources(path):
+        inside = False
+        for line in source.splitlines():
+            assert not (inside and LIST_MARKER.match(line)), f"formula line {line[:50]!r}"
+            inside ^= line.count("$$") % 2 == 1

@@ -43,10 +43,10 @@ DRIVER = textwrap.dedent(
     if mode in ("sigterm", "sigint", "signal-in-save"):
         original_step = training.Trainer.train_step
         first = signal.SIGINT if mode == "sigint" else signal.SIGTERM
-        def train_step(self, x0):
+        def train_step(self, x0, labels=None):
             if self.step == at - 1:
                 os.kill(os.getpid(), first)  # arrives in the middle of the step
-            return original_step(self, x0)
+            return original_step(self, x0, labels)
         training.Trainer.train_step = train_step
     if mode == "signal-in-save":
         original_save = torch.save
@@ -57,8 +57,8 @@ DRIVER = textwrap.dedent(
         torch.save = save
     if mode == "step":
         original_step = training.Trainer.train_step
-        def train_step(self, x0):
-            loss = original_step(self, x0)
+        def train_step(self, x0, labels=None):
+            loss = original_step(self, x0, labels)
             if self.step == at:
                 die()
             return loss

@@ -147,7 +147,7 @@ def test_torch_compile_path_trains(tmp_path):
 def test_nan_loss_stops_training_and_writes_no_checkpoint(tmp_path):
     config = default_config("moons", steps=50, batch_size=16, out=str(tmp_path), checkpoint_every=1)
     trainer = quiet_trainer(config)
-    trainer.train_step(next(trainer._batches()))  # one good step
+    trainer.train_step(*next(trainer._batches()))  # one good step
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))  # corrupt the network
     # The step that failed is step 2 of the metrics log (step 1 was the good one).
@@ -162,11 +162,11 @@ def test_a_nan_gradient_is_caught_at_its_step(tmp_path):
     trainer = quiet_trainer(config)
     batches = trainer._batches()
     for _ in range(3):
-        trainer.train_step(next(batches))
+        trainer.train_step(*next(batches))
     weight = next(trainer.model.parameters())
     weight.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite
     with pytest.raises(NonFiniteLossError, match=r"step 4: the gradient norm is nan"):
-        trainer.train_step(next(batches))
+        trainer.train_step(*next(batches))
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
         with torch.no_grad():
             weight.fill_(float("inf"))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ddpm_lib._checks import check_int, check_real, check_tensor
+from ddpm_lib.guidance import NULL_CLASS, class_index
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -66,3 +67,53 @@ class TimeEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """Map timesteps of shape (B,) to embeddings of shape (B, out_dim)."""
         return self.mlp(timestep_embedding(t, self.dim))
+
+
+class ClassEmbedding(nn.Module):
+    """A learned vector per class and one for "no class", added to the time embedding.
+
+    Explained in chapter 9 (guidance). Row k is class k; row K is ``NULL_CLASS``, the
+    unconditional case, which label dropout trains and ``y=None`` asks for. The table starts at
+    zero, so an untrained conditional network is the unconditional one.
+
+    Args:
+        num_classes: K, the number of classes, >= 1.
+        dim: size of each vector (the time embedding's size).
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = check_int("num_classes", num_classes, low=1)
+        self.table = nn.Embedding(self.num_classes + 1, check_int("dim", dim, low=1))
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Map labels of shape (B,) (or None: no class for all) to vectors of shape (B, dim).
+
+        Values are not range-checked here (that would cost a device sync per call); ``sample``
+        and the trainer check them before any work, and the table refuses out-of-range rows.
+        """
+        if y is None:
+            y = torch.full((batch,), NULL_CLASS, dtype=torch.long, device=self.table.weight.device)
+        check_tensor("y", y)
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise TypeError(f"y must be an integer tensor (torch.long), got dtype {y.dtype}")
+        if y.shape != (batch,):
+            raise ValueError(f"y must have shape (B,) = ({batch},), got {tuple(y.shape)}")
+        return self.table(class_index(y.long(), self.num_classes))
+
+
+def class_embedding_or_none(num_classes: int | None, dim: int) -> ClassEmbedding | None:
+    """A ``ClassEmbedding`` for a conditional network; None for an unconditional one."""
+    return None if num_classes is None else ClassEmbedding(num_classes, dim)
+
+
+def add_class(temb: torch.Tensor, embedding: ClassEmbedding | None, y: torch.Tensor | None):
+    """The time embedding plus the class's vector; an unconditional network refuses labels."""
+    if embedding is not None:
+        return temb + embedding(y, temb.shape[0])
+    if y is not None:
+        raise ValueError(
+            "y (class labels) was given, but this network is unconditional (num_classes=None)"
+        )
+    return temb

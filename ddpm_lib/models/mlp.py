@@ -7,15 +7,15 @@ in seconds on a CPU.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_lib._checks import check_config, check_int, check_model_input
-from ddpm_lib.models.embedding import TimeEmbedding
+from ddpm_lib._checks import check_config, check_int, check_model_input, config_to_dict
+from ddpm_lib.guidance import class_count
+from ddpm_lib.models.embedding import TimeEmbedding, add_class, class_embedding_or_none
 
 
 class ResidualMLPBlock(nn.Module):
@@ -42,16 +42,20 @@ class MLPConfig:
         hidden: width of the hidden layers.
         depth: number of residual blocks.
         time_dim: size of the sinusoidal timestep embedding.
+        num_classes: None (unconditional) or K >= 1: a conditional network ``model(x_t, t, y)``
+            (chapter 9).
     """
 
     dim: int = 2
     hidden: int = 128
     depth: int = 3
     time_dim: int = 64
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dim", "hidden", "depth", "time_dim"):  # frozen: normalise each value once
             object.__setattr__(self, name, check_int(name, getattr(self, name), low=1))
+        object.__setattr__(self, "num_classes", class_count("num_classes", self.num_classes))
 
     @property
     def item_shape(self) -> tuple[int]:
@@ -59,18 +63,19 @@ class MLPConfig:
         return (self.dim,)
 
     def to_dict(self) -> dict:
-        """The fields as a dict of JSON values: what checkpoints store."""
-        return dataclasses.asdict(self)
+        """The fields as JSON values: what checkpoints store (see ``config_to_dict``)."""
+        return config_to_dict(self)
 
 
 class MLP(nn.Module):
     """Residual MLP that predicts the noise eps in points x_t of shape (B, dim): ``model(x_t, t)``.
 
-    Explained in chapter 5 (training).
+    Explained in chapter 5 (training); with ``num_classes``, ``model(x_t, t, y)`` in chapter 9.
 
     Args:
         config: an ``MLPConfig``; or leave it out and pass its fields (dim, hidden, depth,
-            time_dim) as keyword arguments, e.g. ``MLP(**model.config)`` (a checkpoint's dict).
+            time_dim, num_classes) as keyword arguments, e.g. ``MLP(**model.config)`` (a
+            checkpoint's dict).
 
     Attributes:
         hparams: the ``MLPConfig``.
@@ -84,6 +89,7 @@ class MLP(nn.Module):
         dim, hidden = self.hparams.dim, self.hparams.hidden
 
         self.time_embedding = TimeEmbedding(self.hparams.time_dim, hidden)
+        self.class_embedding = class_embedding_or_none(self.hparams.num_classes, hidden)
         self.input = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualMLPBlock(hidden) for _ in range(self.hparams.depth))
         self.norm = nn.LayerNorm(hidden)
@@ -107,19 +113,23 @@ class MLP(nn.Module):
     def dim(self) -> int:
         return self.hparams.dim
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the noise in ``x``.
 
         Args:
             x: noisy points x_t of shape (B, dim).
             t: 0-based timesteps of shape (B,) (a single step of shape () is broadcast).
+            y: conditional networks only: classes, LongTensor (B,), ``NULL_CLASS`` (-1) for no
+                class; None asks every item for no class.
 
         Returns:
             The predicted eps, of shape (B, dim).
         """
         t = check_model_input(x, t, self.item_shape, self._input_described)
 
-        temb = self.time_embedding(t)  # (B, hidden)
+        temb = add_class(self.time_embedding(t), self.class_embedding, y)  # (B, hidden)
         h = self.input(x)
         for block in self.blocks:
             h = block(h, temb)

@@ -9,7 +9,6 @@ scale-shift time conditioning and a zero-initialised output, so an untrained mod
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -23,8 +22,10 @@ from ddpm_lib._checks import (
     check_int_sequence,
     check_model_input,
     check_real,
+    config_to_dict,
 )
-from ddpm_lib.models.embedding import TimeEmbedding
+from ddpm_lib.guidance import class_count
+from ddpm_lib.models.embedding import TimeEmbedding, add_class, class_embedding_or_none
 
 
 def group_count(channels: int, num_groups: int) -> int:
@@ -144,6 +145,8 @@ class UNetConfig:
         dropout: dropout probability inside the residual blocks, in [0, 1).
         num_groups: GroupNorm groups, reduced to a divisor of each channel count.
         num_heads: attention heads; must divide the channel count of each attention level.
+        num_classes: None (unconditional) or K >= 1: a conditional network ``model(x_t, t, y)``
+            whose class embedding is added to the time embedding (chapter 9).
     """
 
     in_channels: int = 1
@@ -155,6 +158,7 @@ class UNetConfig:
     dropout: float = 0.1
     num_groups: int = 32
     num_heads: int = 1
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         fix = functools.partial(object.__setattr__, self)  # frozen: normalise each value once
@@ -163,6 +167,7 @@ class UNetConfig:
         fix("dropout", check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True))
         fix("num_groups", check_int("num_groups", self.num_groups, low=1))
         fix("num_heads", check_int("num_heads", self.num_heads, low=1))
+        fix("num_classes", class_count("num_classes", self.num_classes))
         fix(
             "channel_mult",
             check_int_sequence("channel_mult", self.channel_mult, low=1, nonempty=True),
@@ -214,18 +219,16 @@ class UNetConfig:
         return (self.in_channels, self.image_size, self.image_size)
 
     def to_dict(self) -> dict:
-        """The fields as plain JSON values (lists for the tuples): what checkpoints store."""
-        return {
-            name: list(value) if isinstance(value, tuple) else value
-            for name, value in dataclasses.asdict(self).items()
-        }
+        """The fields as JSON values: what checkpoints store (see ``config_to_dict``)."""
+        return config_to_dict(self)
 
 
 class UNet(nn.Module):
     """U-Net that predicts the noise eps in x_t, called as ``model(x_t, t)``.
 
-    Explained in chapter 5 (training). See ``UNetConfig`` for the levels and the arguments. The
-    middle block (lowest resolution) always has self-attention, as in Ho et al.
+    Explained in chapter 5 (training); with ``num_classes``, ``model(x_t, t, y)`` in chapter 9.
+    See ``UNetConfig`` for the levels and the arguments. The middle block (lowest resolution)
+    always has self-attention, as in Ho et al.
 
     Args:
         config: a ``UNetConfig``; or leave it out and pass its fields as keyword arguments,
@@ -248,6 +251,7 @@ class UNet(nn.Module):
 
         time_dim = 4 * base_channels  # Ho et al.: the embedding is 4x the base width
         self.time_embedding = TimeEmbedding(base_channels, time_dim)
+        self.class_embedding = class_embedding_or_none(cfg.num_classes, time_dim)
         self.input_conv = nn.Conv2d(cfg.in_channels, base_channels, 3, padding=1)
 
         def level(c_in: int, c_out: int, res: int) -> _Level:
@@ -306,19 +310,23 @@ class UNet(nn.Module):
     def image_size(self) -> int:
         return self.hparams.image_size
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the noise in ``x``.
 
         Args:
             x: noisy images x_t of shape (B, in_channels, image_size, image_size).
             t: 0-based timesteps of shape (B,) (a single step of shape () is broadcast).
+            y: conditional networks only: classes, LongTensor (B,), ``NULL_CLASS`` (-1) for no
+                class; None asks every item for no class.
 
         Returns:
             The predicted eps, of the shape of ``x``.
         """
         t = check_model_input(x, t, self.item_shape, self._input_described)
 
-        temb = self.time_embedding(t)  # (B, 4 * base_channels)
+        temb = add_class(self.time_embedding(t), self.class_embedding, y)  # (B, 4 * base)
         h = self.input_conv(x)
         skips = [h]
         for layer in self.down:
