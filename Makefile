@@ -21,13 +21,19 @@ lint: $(STAMP)
 # errors, then the test suite (whose book checks read the fresh HTML).
 # OMP_WAIT_POLICY=PASSIVE: on a shared two-core machine, spinning OpenMP threads slow torch down
 # by ten times or more whenever another process holds a core (a 32 s test ran for 25 minutes).
+# pytest-xdist: TEST_WORKERS processes (2: one a core of a CI machine; `make test TEST_WORKERS=0`
+# runs in this process). The chapters go whole to a worker (--dist loadfile: a notebook's cells
+# in order, in one kernel); the tests are handed out one by one and idle workers steal queued ones
+# (--dist worksteal). Under xdist each test worker runs torch on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: lint
 	OMP_WAIT_POLICY=PASSIVE DDPM_PROFILE=smoke $(BIN)/python -m pytest -q -p no:cacheprovider \
+		-n $(TEST_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-sanitize-with .ci/nbval_sanitize.cfg book/[0-9]*.ipynb
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 	$(BIN)/python .ci/build_book.py html zh_CN
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_translations.py
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Re-execute every chapter in the cpu profile (the budget of the committed outputs) and save it
 # (OMP_WAIT_POLICY=PASSIVE as for the tests).

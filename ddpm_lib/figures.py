@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid, save_image
 
 from ddpm_lib.samplers import sample
 from ddpm_lib.schedule import NoiseSchedule
@@ -28,6 +27,10 @@ def tile_images(
         pad: pixels of ``background`` around and between images.
         background: the value of the padding, in [0, 1] (1: white).
     """
+    # torchvision takes about 1.6 s to import (it loads torch._dynamo): only image grids need it,
+    # not `ddpm info`, `ddpm bpd` or a run of 2-D points.
+    from torchvision.utils import make_grid
+
     x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2  # [-1, 1] -> [0, 1]
     n, c = x.shape[:2]
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
@@ -41,6 +44,8 @@ def save_sample_figure(x: torch.Tensor, path: Path, nrow: int | None = None) -> 
     """A grid of images (``nrow`` a row, default about sqrt(N)), or a scatter plot of 2-D points,
     written to ``path`` (its extension, one of ``FIGURE_FORMATS``, picks the format)."""
     if x.ndim == 4:
+        from torchvision.utils import save_image  # a slow import (see tile_images)
+
         nrow = nrow or max(1, int(math.sqrt(x.shape[0])))
         save_image(tile_images(x, nrow=nrow, background=0.0), path)
         return

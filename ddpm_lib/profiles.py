@@ -11,11 +11,18 @@ Explained in the book's introduction.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: the cache is not locked
+    fcntl = None
 
 from ddpm_lib._checks import check_choice
 from ddpm_lib._version import __version__
@@ -80,7 +87,9 @@ class Profile:
 
         A cached run is reused only if it was trained with the same config (all but ``out``)
         and reached ``config.steps``; a shorter one with the same config is resumed, and one with
-        another config (or with no checkpoint that loads) is deleted and trained afresh.
+        another config (or with no checkpoint that loads) is deleted and trained afresh. Processes
+        that ask for the same run at once (chapters run in parallel) take turns: one trains it,
+        the others wait and then load it.
 
         Args:
             name: a name for the run, unique within the book (e.g. "digits_unet").
@@ -93,6 +102,10 @@ class Profile:
             its schedule, and the checkpoint dict (config, step, ...).
         """
         folder = self.run_folder(name)
+        with _one_at_a_time(folder.with_name(f".{name}.lock")):
+            return self._load_or_train(folder, name, config, progress=progress, log=log)
+
+    def _load_or_train(self, folder, name, config, *, progress, log):
         config = TrainConfig.from_dict({**config.to_dict(), "out": str(folder)})
         wanted = {k: v for k, v in config.to_dict().items() if k != "out"}
         try:
@@ -116,6 +129,19 @@ class Profile:
         state = trainer.state_dict()
         model, schedule = model_from_checkpoint(state, path=folder)
         return model.to(self.device), schedule.to(self.device), state
+
+
+@contextmanager
+def _one_at_a_time(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created), waiting for any other holder; the
+    kernel releases it when the holder ends, however it ends. A no-op where ``fcntl`` is missing."""
+    if fcntl is None:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def profile(name: str | None = None) -> Profile:

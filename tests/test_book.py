@@ -1,6 +1,7 @@
 """Book-level checks: every chapter is executed, clean, imports ddpm_lib, and shows in the HTML."""
 
 import base64
+import fcntl
 import importlib.util
 import re
 import struct
@@ -84,17 +85,21 @@ def test_chapter_follows_the_book_conventions(path):
 
 
 def fresh_html() -> Path:
-    """The built book; (re)built here when missing or older than a chapter."""
+    """The built book; (re)built here when missing or older than a chapter. Under pytest-xdist
+    the workers take turns (a lock file in _build): one builds, the others then find it fresh."""
     index = HTML / "book" / "index.html"
     newest = max(p.stat().st_mtime for p in [*CHAPTERS, ROOT / "book" / "index.md"])
-    if not index.is_file() or index.stat().st_mtime < newest:
-        jb = Path(sys.executable).with_name("jupyter-book")
-        subprocess.run(
-            [str(jb), "build", str(ROOT), "--warningiserror", "--keep-going"],
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
+    HTML.parent.mkdir(exist_ok=True)
+    with open(HTML.parent / ".fresh_html.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not index.is_file() or index.stat().st_mtime < newest:
+            jb = Path(sys.executable).with_name("jupyter-book")
+            subprocess.run(
+                [str(jb), "build", str(ROOT), "--warningiserror", "--keep-going"],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
     return HTML
 
 

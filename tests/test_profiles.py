@@ -89,3 +89,34 @@ def test_a_cached_run_from_before_a_new_option_still_loads(tmp_path, monkeypatch
     messages = []
     P.load_or_train("toy", config, progress=False, log=messages.append)
     assert messages and "loaded the cached run 'toy'" in messages[-1]
+
+
+def test_two_kernels_asking_for_one_run_at_once_train_it_once(tmp_path, monkeypatch):
+    """Chapters run in parallel (nbval under pytest-xdist) ask for the same cached run at once:
+    the second waits while the first trains (no "in use by another training" error), then loads
+    it. The second asks from a thread here; the lock is a flock, which threads hold apart too."""
+    import threading
+
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    P = Profile("smoke")
+    config = default_config("moons", steps=3, batch_size=16, sample_n=2, sample_steps=2)
+    second, waited = {}, []
+
+    def ask_again():
+        messages = []
+        second["state"] = P.load_or_train("toy", config, progress=False, log=messages.append)[2]
+        second["messages"] = messages
+
+    other = threading.Thread(target=ask_again)
+
+    def log(message):  # the first run says "training ..." once it holds the run folder
+        if message.startswith("training") and not other.is_alive():
+            other.start()
+            other.join(timeout=1.0)
+            waited.append(other.is_alive())  # still waiting for this run to finish
+
+    _, _, state = P.load_or_train("toy", config, progress=False, log=log)
+    other.join(timeout=60)
+    assert waited == [True] and not other.is_alive()
+    assert "loaded the cached run 'toy'" in second["messages"][-1], second["messages"]
+    assert second["state"]["step"] == state["step"] == 3

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -238,11 +239,14 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port: a fixed one may be held by another test run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     result = subprocess.run(
         [
             str(torchrun),
             "--nproc_per_node=2",
-            "--master_port=29517",
+            f"--master_port={port}",
             "-m",
             "ddpm_lib",
             "train",
