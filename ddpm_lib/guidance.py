@@ -73,16 +73,20 @@ def check_guidance_scale(guidance_scale: object, labels: object) -> float:
     return w
 
 
-def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator | None = None):
+def drop_labels(labels: torch.Tensor | None, p: float | None, generator=None):
     """Label dropout: each label becomes ``NULL_CLASS`` with probability ``p``, independently.
 
-    What teaches one network both predictors (Ho & Salimans use p = 0.1 or 0.2).
+    What teaches one network both predictors (Ho & Salimans use p = 0.1 or 0.2). The trainer
+    calls it every step: an unconditional run (``p`` None, no labels) passes through, drawing
+    nothing from the generator.
 
     Args:
-        labels: class labels, LongTensor (B,).
-        p: the probability of dropping each label, in [0, 1].
+        labels: class labels, LongTensor (B,); None for an unconditional run.
+        p: the probability of dropping each label, in [0, 1]; None for an unconditional run.
         generator: random generator on the labels' device (reproducible, resumable runs).
     """
+    if p is None:
+        return labels
     p = check_real("class_dropout", p, low=0.0, high=1.0)
     if p == 0.0:
         return labels

@@ -118,13 +118,11 @@ class Trainer:
         self.net = wrap_for_training(model, self.device, self.world_size, cfg.compile)
 
     def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-        """One optimisation step of Algorithm 1 (with labels for a conditional run); returns the
-        loss."""
+        """One step of Algorithm 1 (labels: a conditional run's classes); returns the loss."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = self.noise_generator
-        if self.config.conditional:  # label dropout: the same net learns "no class" (chapter 9)
-            labels = drop_labels(labels, self.config.class_dropout, generator=noise)
+        labels = drop_labels(labels, self.config.class_dropout, generator=noise)  # "no class"
         with autocast(self.device, self.amp_dtype):
             loss = diffusion_loss(self.net, self.schedule, x0, generator=noise, labels=labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -219,9 +217,9 @@ class Trainer:
             return None
         cfg, path = self.config, self.folder.sample_grid(self.step)
         shape = (cfg.sample_n, *self.ema.shadow.item_shape)  # the unwrapped network
-        classes = self.model_config.get("num_classes")  # conditional: one class per column
         write_sample_figure(self.ema.shadow, self.schedule, shape, path, steps=cfg.sample_steps,
-                            seed=cfg.seed, device=self.device, classes=classes)  # fmt: skip
+                            seed=cfg.seed, device=self.device,
+                            classes=self.model_config.get("num_classes"))  # fmt: skip
         return path
 
     def state_dict(self) -> dict:
