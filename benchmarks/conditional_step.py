@@ -43,7 +43,8 @@ def main() -> None:
         rounds = ", ".join(f"{1000 * v:.0f}" for v in values)
         print(f"| digits U-Net, {name} | {1000 * median[name]:.1f} | {rounds} |")
     ratio = median["conditional"] / median["unconditional"]
-    print(f"conditional / unconditional: {ratio:.2f} (batch 128, {args.rounds} x {args.steps} steps)")
+    print(f"conditional / unconditional: {ratio:.2f} (batch 128, {args.rounds} x {args.steps} "
+          "steps each)")  # fmt: skip
 
 
 if __name__ == "__main__":
