@@ -118,7 +118,8 @@ class Trainer:
         self.net = wrap_for_training(model, self.device, self.world_size, cfg.compile)
 
     def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-        """One step of Algorithm 1 (labels: a conditional run's classes); returns the loss."""
+        """One step of Algorithm 1; returns the loss. ``train()`` passes labels only for a
+        conditional run, so subclasses that override ``train_step(self, x0)`` keep working."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = self.noise_generator
@@ -163,7 +164,7 @@ class Trainer:
                 for x0, labels in self._batches():
                     if self._stop.requested(self.world_size, self.device):
                         break  # checked between steps: each step is whole
-                    log.add(self.train_step(x0, labels))
+                    log.add(self.train_step(x0) if labels is None else self.train_step(x0, labels))
                     if self.step % cfg.log_every == 0:
                         log.write(self.step, lr=self.lr_scheduler.get_last_lr()[0])
                     if cfg.sample_every and self.step % cfg.sample_every == 0:
@@ -187,9 +188,8 @@ class Trainer:
             f"steps {self.step} -> {cfg.steps}"
         )
         images_per_step = min(cfg.batch_size, len(self.dataset))  # a small set is one batch
-        return MetricsLog(self.folder.metrics_log, step=self.step, total=cfg.steps,
-                          images_per_step=images_per_step, progress=self.progress,
-                          say=self.say)  # fmt: skip
+        return MetricsLog(self.folder.metrics_log, step=self.step, total=cfg.steps, say=self.say,
+                          images_per_step=images_per_step, progress=self.progress)  # fmt: skip
 
     def _batches(self):
         """``(x0, labels)`` of each remaining step, on the device (labels None if unconditional)."""
