@@ -1,11 +1,12 @@
 """Sample quality after the same CPU time: ddpm_lib against diffusers and lucidrains, on the digits.
 
-Three U-Nets of about the same size (ddpm_lib's digits U-Net, 0.76 M parameters; diffusers'
+U-Nets of about the same size (ddpm_lib's digits U-Net, 0.76 M parameters; diffusers'
 UNet2DModel, 0.70 M; lucidrains' Unet, 0.83 M) train on the 1437 training digits for the same
 wall-clock budget on the same machine, one after the other, each with its own library's recipe:
 
 - ddpm_lib: ``Trainer`` with ``default_config("digits")`` (AdamW lr 2e-3, 200 warm-up steps,
-  gradient clipping, EMA 0.999, batch 128);
+  gradient clipping, EMA 0.999, batch 128, L_simple); ``ddpm_lib-minsnr`` is the same with the
+  loss weighted by min(SNR, 5) / SNR (Hang et al. 2023);
 - diffusers: the recipe of its ``train_unconditional`` example (DDPMScheduler with the linear
   schedule, AdamW lr 1e-4 with betas (0.95, 0.999) and weight decay 1e-6, 500 warm-up steps,
   EMAModel with power 3/4, batch 128);
@@ -13,13 +14,15 @@ wall-clock budget on the same machine, one after the other, each with its own li
   defaults of its ``Trainer`` (Adam lr 1e-4, betas (0.9, 0.99), EMA 0.995 every 10 steps,
   batch 128).
 
-Then one sampler and one scorer judge all three: the EMA network of each draws 360 digits with
-ddpm_lib's 1000-step DDPM (small variance, the same starting noise), scored by the Frechet distance
-to the training digits in the digits classifier's features (floor: the 360 real test digits) and
-the share of clear digits.
+Each contender trains once per seed (the seed sets its initial weights, data order and noise).
+Then one sampler and one scorer judge them all: the EMA network draws ``--n`` digits with
+ddpm_lib's 1000-step DDPM (small variance; the starting noise is the same for every contender of
+a seed), scored by the Frechet distance to the training digits in the digits classifier's
+features (floor: the real test digits) and the share of clear digits. The table gives the mean
+over seeds and, after the ±, half the range between the seeds.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/peers_quality.py --minutes 10
+    python benchmarks/peers_quality.py --minutes 10 --seeds 2 --n 500 --threads 1
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -61,11 +65,11 @@ def batches(images: torch.Tensor, seed: int):
                 yield images[idx]
 
 
-def train_ours(images: torch.Tensor, minutes: float):
+def train_ours(images: torch.Tensor, minutes: float, seed: int, **recipe):
     with tempfile.TemporaryDirectory() as out:
         config = default_config(
             "digits", steps=10**9, max_minutes=minutes, out=out, sample_every=0,
-            checkpoint_every=0, log_every=10**9,
+            checkpoint_every=0, log_every=10**9, seed=seed, **recipe,
         )  # fmt: skip
         trainer = Trainer(config, progress=False, log=None)
         summary = trainer.train()
@@ -73,12 +77,16 @@ def train_ours(images: torch.Tensor, minutes: float):
     return model.eval(), summary["steps"], summary["seconds"]
 
 
-def train_diffusers(images: torch.Tensor, minutes: float):
+def train_ours_min_snr(images: torch.Tensor, minutes: float, seed: int):
+    return train_ours(images, minutes, seed, min_snr_gamma=5.0)
+
+
+def train_diffusers(images: torch.Tensor, minutes: float, seed: int):
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=64,
@@ -90,7 +98,7 @@ def train_diffusers(images: torch.Tensor, minutes: float):
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=500)
     ema = EMAModel(net.parameters(), inv_gamma=1.0, power=0.75, max_decay=0.9999)
     steps, start = 0, time.perf_counter()
-    for x0 in batches(images, seed=1):
+    for x0 in batches(images, seed=1000 + seed):
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (BATCH,))
         loss = F.mse_loss(net(noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
@@ -108,11 +116,11 @@ def train_diffusers(images: torch.Tensor, minutes: float):
     return DiffusersAsEps(net).eval(), steps, seconds
 
 
-def train_lucidrains(images: torch.Tensor, minutes: float):
+def train_lucidrains(images: torch.Tensor, minutes: float, seed: int):
     from denoising_diffusion_pytorch import GaussianDiffusion, Unet
     from ema_pytorch import EMA
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = Unet(dim=32, dim_mults=(1, 2), channels=1)
     diffusion = GaussianDiffusion(
         net, image_size=8, timesteps=1000, objective="pred_noise", beta_schedule="linear"
@@ -120,7 +128,7 @@ def train_lucidrains(images: torch.Tensor, minutes: float):
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
     ema = EMA(diffusion, beta=0.995, update_every=10)
     steps, start = 0, time.perf_counter()
-    for x0 in batches(images, seed=2):
+    for x0 in batches(images, seed=2000 + seed):
         loss = diffusion((x0 + 1) / 2)  # it takes images in [0, 1] and normalises them itself
         optimizer.zero_grad()
         loss.backward()
@@ -133,14 +141,25 @@ def train_lucidrains(images: torch.Tensor, minutes: float):
     return copy.deepcopy(ema.ema_model.model).eval(), steps, seconds
 
 
-CONTENDERS = {"ddpm_lib": train_ours, "diffusers": train_diffusers, "lucidrains": train_lucidrains}
+CONTENDERS = {
+    "ddpm_lib": train_ours,
+    "ddpm_lib-minsnr": train_ours_min_snr,
+    "diffusers": train_diffusers,
+    "lucidrains": train_lucidrains,
+}
+SCORES = ("frechet", "clear_share", "steps", "train_seconds", "sample_seconds")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="training budget per library")
-    parser.add_argument("--n", type=int, default=360, help="samples judged per library")
+    parser.add_argument("--n", type=int, default=500, help="samples judged per library and seed")
+    parser.add_argument("--seeds", type=int, default=2, help="trainings per library")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument(
+        "--contenders", nargs="+", default=["ddpm_lib", "ddpm_lib-minsnr", "diffusers"],
+        choices=list(CONTENDERS), help="recipes to train",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,46 +169,70 @@ def main() -> None:
     train_features = digits_features(train, classifier)
     floor = frechet_distance(digits_features(test[: args.n], classifier), train_features)
     schedule = NoiseSchedule.linear()
-    rows = {}
-    for name, train_fn in CONTENDERS.items():
-        model, steps, seconds = train_fn(train, args.minutes)
-        start = time.perf_counter()
-        with torch.no_grad():
-            x = sample(
-                model, schedule, (args.n, 1, 8, 8), sampler="ddpm",
-                generator=torch.Generator().manual_seed(0), progress=False,
-            )  # fmt: skip
-        fd = frechet_distance(digits_features(x, classifier), train_features)
-        rows[name] = dict(
-            parameters=sum(p.numel() for p in model.parameters()),  # EMA copies need no grad
-            steps=steps,
-            train_seconds=seconds,
-            sample_seconds=time.perf_counter() - start,
-            frechet=fd,
-            clear_share=judge_digits(x.clamp(-1, 1), classifier)["confident_share"],
-        )
-        print(name, json.dumps(rows[name]), flush=True)
-    lines = [
-        f"| library | parameters | steps in {args.minutes:g} min | Frechet distance "
-        "(floor {:.1f}) | vs ddpm_lib | clear digits |".format(floor),
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        ratio = r["frechet"] / rows["ddpm_lib"]["frechet"]
-        lines.append(
-            f"| {name} | {r['parameters'] / 1e6:.2f} M | {r['steps']:,} | {r['frechet']:.1f} "
-            f"| {ratio:.2f}x | {r['clear_share']:.1%} |"
-        )
-    text = "\n".join(lines) + (
-        f"\n\n{args.n} samples each, 1000-step DDPM from the same noise; "
-        f"{torch.get_num_threads()} torch thread(s); floor: {args.n} real test digits."
-    )
+    runs = {name: [] for name in args.contenders}
+    for seed in range(args.seeds):
+        for name in args.contenders:
+            model, steps, seconds = CONTENDERS[name](train, args.minutes, seed)
+            start = time.perf_counter()
+            with torch.no_grad():
+                x = sample(
+                    model, schedule, (args.n, 1, 8, 8), sampler="ddpm",
+                    generator=torch.Generator().manual_seed(seed), progress=False,
+                )  # fmt: skip
+            runs[name].append(
+                dict(
+                    seed=seed,
+                    parameters=sum(p.numel() for p in model.parameters()),  # EMA: no grads
+                    steps=steps,
+                    train_seconds=seconds,
+                    sample_seconds=time.perf_counter() - start,
+                    frechet=frechet_distance(digits_features(x, classifier), train_features),
+                    clear_share=judge_digits(x.clamp(-1, 1), classifier)["confident_share"],
+                )
+            )
+            print(name, json.dumps(runs[name][-1]), flush=True)
+    rows = {name: summarise(r) for name, r in runs.items()}
+    text = table(rows, floor, args)
     print("\n" + text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "peers_quality.json").write_text(
-        json.dumps(dict(rows=rows, floor=floor, minutes=args.minutes, n=args.n), indent=1) + "\n"
+        json.dumps(
+            dict(runs=runs, rows=rows, floor=floor, minutes=args.minutes, n=args.n), indent=1
+        )
+        + "\n"
     )
     (RESULTS / "peers_quality.md").write_text(text + "\n")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean over seeds and half the range between them, for every score."""
+    row = {"parameters": runs[0]["parameters"], "seeds": len(runs)}
+    for key in SCORES:
+        values = [r[key] for r in runs]
+        row[key] = statistics.fmean(values)
+        row[key + "_spread"] = (max(values) - min(values)) / 2
+    return row
+
+
+def table(rows: dict, floor: float, args) -> str:
+    peer = "diffusers" if "diffusers" in rows else next(iter(rows))
+    lines = [
+        f"| library | parameters | steps in {args.minutes:g} min | Frechet distance "
+        f"(floor {floor:.1f}) | vs {peer} | clear digits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        ratio = r["frechet"] / rows[peer]["frechet"]
+        lines.append(
+            f"| {name} | {r['parameters'] / 1e6:.2f} M | {r['steps']:,.0f} "
+            f"| {r['frechet']:.1f} ± {r['frechet_spread']:.1f} | {ratio:.2f}x "
+            f"| {r['clear_share']:.1%} ± {r['clear_share_spread']:.1%} |"
+        )
+    return "\n".join(lines) + (
+        f"\n\nMean over {args.seeds} seed(s) ± half the range between them; {args.n} samples per "
+        f"seed, 1000-step DDPM from the same noise; {torch.get_num_threads()} torch thread(s); "
+        f"floor: {args.n} real test digits."
+    )
 
 
 if __name__ == "__main__":

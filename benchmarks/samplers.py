@@ -1,8 +1,11 @@
 """Sample quality against the number of sampling steps, in the manner of DDIM's Table 1.
 
-Four samplers share one trained network: DDPM with the small (posterior) and the large (beta)
-variance, respaced to fewer steps as in Nichol & Dhariwal, and DDIM with eta = 0 (deterministic)
-and eta = 1. Each runs at 10, 20, 50, 100 and 1000 steps on two problems:
+The samplers share one trained network: DDPM with the small (posterior) and the large (beta)
+variance, respaced to fewer steps as in Nichol & Dhariwal; DDIM with eta = 0 (deterministic),
+spaced uniformly in t and in lambda (half the log signal-to-noise ratio); and two solvers of the
+probability-flow ODE, DPM-Solver++(2M) (one network call per step; spaced in lambda, in t, and
+with diffusers' first-order last step) and Heun's method (two calls per step but the last). Each
+runs at 5, 10, 20 and 50 steps, DDPM and DDIM also at 1000, on two problems:
 
 - the 8x8 digits with the book's cached digits U-Net (``profiles.digits_run``): the Frechet
   distance to the training digits in the digits classifier's feature space (lower is better),
@@ -15,13 +18,14 @@ and eta = 1. Each runs at 10, 20, 50, 100 and 1000 steps on two problems:
     python benchmarks/samplers.py                    # cpu profile model, writes benchmarks/results/
     python benchmarks/samplers.py --profile smoke    # seconds, for a quick check of the script
 
-Each cell is the mean over ``--seeds`` independent sample sets (the spread over seeds is printed
-too); times are wall-clock per sample on this machine.
+Each cell is the mean over ``--seeds`` independent sample sets, ± half the range between them,
+and the wall-clock milliseconds per sample on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -30,42 +34,63 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lib import GaussianMixture, judge_digits, load_dataset, load_digits_classifier, sample
+from ddpm_lib import (
+    GaussianMixture,
+    judge_digits,
+    load_dataset,
+    load_digits_classifier,
+    ode_solvers,
+    sample,
+)
 from ddpm_lib.classifier import digits_features
 from ddpm_lib.metrics import frechet_distance, sliced_wasserstein
 from ddpm_lib.profiles import digits_run, profile
 from ddpm_lib.schedule import NoiseSchedule
 
+FEW = (5, 10, 20, 50)
+ALL = (*FEW, 1000)
+# name: (sample() options, steps to run)
 SAMPLERS = {
-    "DDPM, small variance": dict(sampler="ddpm", variance="small"),
-    "DDPM, large variance": dict(sampler="ddpm", variance="large"),
-    "DDIM, eta = 0": dict(sampler="ddim", eta=0.0),
-    "DDIM, eta = 1": dict(sampler="ddim", eta=1.0),
+    "DDPM, small variance": (dict(sampler="ddpm", variance="small"), ALL),
+    "DDPM, large variance": (dict(sampler="ddpm", variance="large"), FEW),
+    "DDIM, eta = 0": (dict(sampler="ddim"), ALL),
+    "DDIM, eta = 0, lambda spacing": (dict(sampler="ddim", spacing="lambda"), FEW),
+    "DPM-Solver++(2M)": (dict(sampler="dpm++2m"), FEW),
+    "DPM-Solver++(2M), uniform in t": (dict(sampler="dpm++2m", spacing="uniform"), FEW),
+    "DPM-Solver++(2M), first-order last step": (dict(sampler="dpm++2m", lower_order_final=15), FEW),
+    "Heun (2 x steps - 1 calls)": (dict(sampler="heun"), FEW),
 }
-STEPS = (10, 20, 50, 100, 1000)
+STEPS = ALL
 REFERENCE = ("DDPM, small variance", 1000)  # the sampler of Ho et al.: the quality to match
 RESULTS = Path(__file__).parent / "results"
 
 
+@contextlib.contextmanager
+def lower_order_final(below: int | None):
+    """diffusers' rule for DPM-Solver++: a first-order step into t = 0 below ``below`` steps."""
+    saved = ode_solvers.LOWER_ORDER_FINAL_BELOW
+    ode_solvers.LOWER_ORDER_FINAL_BELOW = saved if below is None else below
+    try:
+        yield
+    finally:
+        ode_solvers.LOWER_ORDER_FINAL_BELOW = saved
+
+
 def sweep(model, schedule, shape, score, seeds: int, label: str) -> dict:
-    """Every sampler at every step count: {sampler: {steps: {"score", "spread", ...}}}."""
+    """Every sampler at each of its step counts: {sampler: {steps: {"score", "spread", ...}}}."""
     table = {}
-    for name, options in SAMPLERS.items():
+    for name, (options, step_counts) in SAMPLERS.items():
+        options = dict(options)
+        below = options.pop("lower_order_final", None)
         table[name] = {}
-        for steps in STEPS:
+        for steps in step_counts:
             scores, seconds = [], 0.0
             for seed in range(seeds):
                 generator = torch.Generator().manual_seed(seed)
                 start = time.perf_counter()
-                x = sample(
-                    model,
-                    schedule,
-                    shape,
-                    steps=steps,
-                    generator=generator,
-                    progress=False,
-                    **options,
-                )
+                with lower_order_final(below):
+                    x = sample(model, schedule, shape, steps=steps, generator=generator,
+                               progress=False, **options)  # fmt: skip
                 seconds += time.perf_counter() - start
                 scores.append(score(x.cpu(), seed))
             table[name][str(steps)] = {
@@ -75,7 +100,7 @@ def sweep(model, schedule, shape, score, seeds: int, label: str) -> dict:
                 **{k: statistics.fmean(s[k] for s in scores) for k in scores[0] if k != "score"},
             }
             print(
-                f"{label:7s} {name:22s} {steps:5d} steps: {table[name][str(steps)]['score']:.4f}",
+                f"{label:7s} {name:42s} {steps:5d} steps: {table[name][str(steps)]['score']:.4f}",
                 flush=True,
             )
     return table
@@ -85,7 +110,7 @@ def fewest_steps_within(table: dict, sampler: str, tolerance: float = 0.10) -> i
     """Fewest steps at which ``sampler`` scores within ``tolerance`` of the reference (lower is
     better), or None."""
     target = (1 + tolerance) * table[REFERENCE[0]][str(REFERENCE[1])]["score"]
-    return next((s for s in STEPS if table[sampler][str(s)]["score"] <= target), None)
+    return next((int(s) for s, cell in table[sampler].items() if cell["score"] <= target), None)
 
 
 def digits_benchmark(p, n: int, seeds: int) -> dict:
@@ -148,26 +173,28 @@ def mixture_benchmark(n: int, seeds: int) -> dict:
 
 def markdown_table(result: dict, title: str) -> str:
     digits = 1 if result["floor"] > 1 else 3  # decimals worth printing
-    header = "| Sampler | " + " | ".join(f"{s} steps" for s in STEPS) + " |"
+    header = "| Sampler | " + " | ".join(f"{s} steps" for s in STEPS) + " | within 10 % from |"
     lines = [
-        f"**{title}**: {result['metric']}, {result['n']} samples; lower is better.",
+        f"**{title}**: {result['metric']}, {result['n']} samples; lower is better; in "
+        "brackets, milliseconds per sample.",
         "",
         header,
+        "|---" * (len(STEPS) + 2) + "|",
     ]
-    lines.append("|---" * (len(STEPS) + 1) + "|")
     for name, row in result["table"].items():
         cells = (
-            f"{row[str(s)]['score']:.{digits}f} ± {row[str(s)]['spread']:.{digits}f}" for s in STEPS
+            f"{row[str(s)]['score']:.{digits}f} ± {row[str(s)]['spread']:.{digits}f} "
+            f"({row[str(s)]['ms_per_sample']:.2g})"
+            if str(s) in row
+            else ""
+            for s in STEPS
         )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    ms = [result["table"]["DDIM, eta = 0"][str(s)]["ms_per_sample"] for s in STEPS]
-    lines.append("| *ms per sample (DDIM)* | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
-    fewest = fewest_steps_within(result["table"], "DDIM, eta = 0")
+        fewest = fewest_steps_within(result["table"], name)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fewest or '-'} |")
     lines += [
         "",
-        f"Floor: {result['floor']:.{digits}f} ({result['floor_label']}). "
-        f"Fewest DDIM (eta = 0) steps within 10% of 1000-step DDPM: "
-        f"{fewest if fewest is not None else 'none of those tried'}.",
+        f'Floor: {result["floor"]:.{digits}f} ({result["floor_label"]}). "Within 10 % from": '
+        "the fewest steps whose distance is at most 1.1 times 1000-step DDPM's.",
     ]
     return "\n".join(lines)
 
@@ -175,7 +202,7 @@ def markdown_table(result: dict, title: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "gpu"))
-    parser.add_argument("--digits", type=int, default=360, help="digit samples per set")
+    parser.add_argument("--digits", type=int, default=500, help="digit samples per set")
     parser.add_argument("--points", type=int, default=4000, help="ring points per set")
     parser.add_argument("--seeds", type=int, default=2, help="independent sample sets per cell")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")

@@ -29,6 +29,7 @@ from ddpm_lib.guidance import NULL_CLASS, drop_labels, guided_eps
 from ddpm_lib.metrics import frechet_distance, sliced_wasserstein, variational_bound
 from ddpm_lib.mixture import GaussianMixture
 from ddpm_lib.models import MLP, MLPConfig, UNet, UNetConfig, build_model, count_parameters
+from ddpm_lib.ode_solvers import dpm_solver_2m_step, heun_step, lambda_spaced_timesteps
 from ddpm_lib.samplers import (
     Trajectory,
     ddim_step,
@@ -60,12 +61,15 @@ __all__ = [
     "ddpm_step",
     "default_config",
     "diffusion_loss",
+    "dpm_solver_2m_step",
     "drop_labels",
     "digits_frechet_distance",
     "extract",
     "frechet_distance",
     "guided_eps",
+    "heun_step",
     "judge_digits",
+    "lambda_spaced_timesteps",
     "load_checkpoint",
     "load_dataset",
     "load_digits_classifier",

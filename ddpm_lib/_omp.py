@@ -1,16 +1,22 @@
-"""Imported first by the package: the ``ddpm`` command runs torch with passive OpenMP threads.
+"""Imported first by the package: torch runs with passive OpenMP threads in the ``ddpm`` command and
+in the book's notebooks.
 
-The ddpm command (the console script, or python -m ddpm_lib, also under torchrun) runs torch with
-OMP_WAIT_POLICY=PASSIVE unless the user chose a policy: spinning OpenMP threads slow training ten
-times or more whenever another process holds a core. OpenMP reads the variable once, when torch
-loads it, so this runs before any import of torch. Library users keep their own environment.
+Spinning OpenMP threads (torch's default, OMP_WAIT_POLICY=ACTIVE in effect) slow training ten
+times or more whenever another process holds a core; passive ones cost nothing measurable on a
+quiet machine (``benchmarks/omp_policy.py``). OpenMP reads the variable once, when torch loads it,
+so this runs before any import of torch, and only where torch has not been loaded yet:
+
+- the ddpm command (the console script, or python -m ddpm_lib, also under torchrun);
+- a Jupyter kernel (the book's chapters, Colab), where ``import ddpm_lib`` comes first.
+
+The user's own OMP_WAIT_POLICY always wins; other library users keep their environment.
 """
 
 import os
 import sys
 
 _argv = getattr(sys, "argv", None) or [""]
-if not os.environ.get("OMP_WAIT_POLICY") and (
-    _argv[0] == "-m" or os.path.basename(_argv[0]) in ("ddpm", "ddpm.exe")
-):
+_command = _argv[0] == "-m" or os.path.basename(_argv[0]) in ("ddpm", "ddpm.exe")
+_notebook = "ipykernel" in sys.modules
+if not os.environ.get("OMP_WAIT_POLICY") and "torch" not in sys.modules and (_command or _notebook):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -29,7 +29,7 @@ from ddpm_lib.hardware import pick_device
 from ddpm_lib.metrics import variational_bound
 from ddpm_lib.models import count_parameters
 from ddpm_lib.run_folder import RunFolderError
-from ddpm_lib.samplers import SAMPLERS, VARIANCES, sample
+from ddpm_lib.samplers import SAMPLERS, SPACINGS, VARIANCES, sample
 from ddpm_lib.schedule import NoiseSchedule
 from ddpm_lib.training import NonFiniteLossError, Trainer, TrainingInterrupted
 
@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_network_options(1000, "samples")],
     )
     sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--sampler", default="ddim", help="ddim (default) or ddpm")
+    sample.add_argument("--sampler", default="ddim", help="ddim (default), ddpm, dpm++2m or heun")
     sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    sample.add_argument("--spacing", help="uniform (in t) or lambda (log-SNR); default: by sampler")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise, >= 0 (default 0)")
     sample.add_argument("--variance", default="small", help="DDPM variance: small or large")
     sample.add_argument("--no-clip", action="store_true", help="do not clip predicted x0")
@@ -218,7 +219,11 @@ def _sample(args: argparse.Namespace) -> int:
     check_int("batch_size", args.batch_size, low=1)
     check_choice("sampler", args.sampler, SAMPLERS)
     check_choice("variance", args.variance, VARIANCES)
+    if args.spacing is not None:
+        check_choice("spacing", args.spacing, SPACINGS)
     check_real("eta", args.eta, low=0)
+    if args.eta != 0 and args.sampler != "ddim":
+        raise ValueError("eta applies to sampler='ddim' only: the others add no DDIM noise")
     check_real("guidance", args.guidance, low=0)
     if args.guidance != 1 and args.label is None:
         raise ValueError("--guidance needs --class (the class to guide towards)")
@@ -254,6 +259,7 @@ def _sample(args: argparse.Namespace) -> int:
                 (n, *item_shape),
                 sampler=args.sampler,
                 steps=args.steps,
+                spacing=args.spacing,
                 eta=args.eta,
                 variance=args.variance,
                 clip_x0=not args.no_clip,

@@ -104,6 +104,14 @@ class TrainConfig:
     warmup_steps: int = _option(200, "steps of linear learning-rate warm-up", low=0)
     weight_decay: float = _option(0.0, "AdamW weight decay", low=0)
     grad_clip: float = _option(1.0, "clip the gradient norm to this value (0: no clipping)", low=0)
+    min_snr_gamma: float | None = _option(
+        None,
+        "weight each step's loss by min(SNR, gamma) / SNR (Hang et al.'s min-SNR-gamma), gamma "
+        "in {range}; unset: Ho et al.'s L_simple",
+        low=0,
+        high=1e6,
+        low_open=True,
+    )
     ema_decay: float = _option(
         0.999, "decay of the exponential moving average of the weights, in {range}", **DECAY_RANGE
     )

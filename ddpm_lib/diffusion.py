@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ddpm_lib._checks import check_batch, check_same_shape, check_timesteps
+from ddpm_lib._checks import check_batch, check_real, check_same_shape, check_timesteps
 from ddpm_lib._random import randint, randn
 from ddpm_lib.schedule import NoiseSchedule, extract
 
@@ -210,6 +210,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Ho et al.'s Algorithm 1: the simple loss || eps - eps_theta(x_t, t) ||^2.
 
@@ -228,8 +229,13 @@ def diffusion_loss(
         reduction: "mean" for a scalar, "none" for one loss per item, shape (B,).
         labels: for a conditional model, the classes (B,) it is told, -1 for "no class"
             (chapter 9); the model is then called as ``model(x_t, t, labels)``.
+        min_snr_gamma: None for L_simple; gamma > 0 weights each item by min(SNR_t, gamma) / SNR_t
+            (Hang et al. 2023, "min-SNR-gamma", for eps-prediction): the nearly clean steps, whose
+            noise is hard to see and easy to overfit, count less; steps with SNR <= gamma keep 1.
     """
     x0 = check_batch("x0", x0)
+    if min_snr_gamma is not None:
+        min_snr_gamma = check_real("min_snr_gamma", min_snr_gamma, low=0, low_open=True)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if t is None:  # drawn in range: no need for check_timesteps' device syncs every step
@@ -244,4 +250,7 @@ def diffusion_loss(
     check_same_shape("model output", eps_pred, "x0", x0)
     per_item = F.mse_loss(eps_pred.float(), noise.float(), reduction="none")
     per_item = per_item.reshape(x0.shape[0], -1).mean(dim=1)  # (B, ...) -> (B,)
+    if min_snr_gamma is not None:
+        snr = schedule.signal_to_noise.to(t.device)[t]
+        per_item = per_item * snr.clamp(max=min_snr_gamma) / snr
     return per_item.mean() if reduction == "mean" else per_item

@@ -1,6 +1,7 @@
-"""Sampling: Ho et al.'s Algorithm 2 (ancestral DDPM) and DDIM (Song et al. 2021).
+"""Sampling: Ho et al.'s Algorithm 2 (ancestral DDPM), DDIM (Song et al. 2021), and two solvers of
+the probability-flow ODE, DPM-Solver++(2M) and Heun's method (see ``ddpm_lib.ode_solvers``).
 
-Both samplers walk down an increasing sequence of timesteps tau_0 < ... < tau_{S-1}, stepping
+All samplers walk down an increasing sequence of timesteps tau_0 < ... < tau_{S-1}, stepping
 from t = tau_i to s = tau_{i-1} (s = -1 after the last step: abar_{-1} = 1 means "no noise").
 With all T steps, DDPM's step is exactly Algorithm 2; with fewer it is the respaced sampler of
 Nichol & Dhariwal (the betas recomputed from abar along the sub-sequence).
@@ -23,10 +24,18 @@ from ddpm_lib._checks import check_choice, check_int, check_real, check_tensor
 from ddpm_lib._random import randn
 from ddpm_lib.diffusion import EpsModel, eps_from_x0, x0_from_eps
 from ddpm_lib.guidance import check_guidance_scale, check_labels, guided_eps, num_classes_of
+from ddpm_lib.ode_solvers import (
+    dpm_solver_2m_step,
+    heun_step,
+    lambda_spaced_timesteps,
+    lower_order_final,
+)
 from ddpm_lib.schedule import NoiseSchedule, posterior_coefficients
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "heun")
 VARIANCES = ("small", "large")
+SPACINGS = ("uniform", "lambda")
+ODE_SOLVERS = ("dpm++2m", "heun")
 
 
 @dataclass
@@ -167,6 +176,7 @@ def sample(
     *,
     sampler: str = "ddpm",
     steps: int | Sequence[int] | None = None,
+    spacing: str | None = None,
     eta: float = 0.0,
     variance: str = "small",
     clip_x0: bool = True,
@@ -178,9 +188,12 @@ def sample(
     labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
-    """Generate data from pure noise: Algorithm 2 (``sampler="ddpm"``) or DDIM.
+    """Generate data from pure noise: Algorithm 2 (``sampler="ddpm"``), DDIM, or an ODE solver.
 
-    Explained in chapter 6; ``labels`` and ``guidance_scale`` in chapter 9. With labels, every
+    Explained in chapter 6; ``labels`` and ``guidance_scale`` in chapter 9. "dpm++2m"
+    (DPM-Solver++(2M)) and "heun" solve the probability-flow ODE that DDIM's deterministic steps
+    solve with Euler's method (``ddpm_lib.ode_solvers``): both are second order; DPM-Solver++(2M)
+    calls the network once per step, Heun twice (2 steps - 1 calls in all). With labels, every
     step uses the classifier-free guided noise eps_uncond + w (eps_cond - eps_uncond) (see
     ``ddpm_lib.guidance.guided_eps``): w = 0 ignores the labels, w = 1 is plain conditional
     sampling, w > 1 guides harder. Ho & Salimans write (1 + w') eps_cond - w' eps_uncond, the
@@ -190,8 +203,12 @@ def sample(
         model: noise predictor called as ``model(x_t, t)``; put in eval mode while sampling.
         schedule: the schedule the model was trained with.
         shape: output shape (B, ...).
-        sampler: "ddpm" (ancestral) or "ddim".
-        steps: None for all T steps, an int in [1, T] of evenly spaced steps, or increasing steps.
+        sampler: "ddpm" (ancestral), "ddim", "dpm++2m" or "heun".
+        steps: None for all T steps, an int in [1, T] of spaced steps, or increasing steps.
+        spacing: how an int ``steps`` is spaced: "uniform" in t (always including T - 1 and 0),
+            or "lambda", uniform in half the log signal-to-noise ratio, the ODE solvers' own
+            time. None: "lambda" for "dpm++2m" and "heun" (on the digits at 10 steps, Frechet
+            distance 15.0 against 26.2 and 15.8 against 29.7), "uniform" for DDPM and DDIM.
         eta: DDIM only: 0 deterministic, 1 as random as DDPM; >= 0.
         variance: DDPM only: "small" (posterior variance) or "large" (beta_t).
         clip_x0: clip each predicted x_0 to the data range [-1, 1].
@@ -216,15 +233,21 @@ def sample(
     # Check everything before any work.
     sampler = check_choice("sampler", sampler, SAMPLERS)
     variance = check_choice("variance", variance, VARIANCES)
+    if spacing is None:
+        spacing = "lambda" if sampler in ODE_SOLVERS else "uniform"
+    spacing = check_choice("spacing", spacing, SPACINGS)
     eta = check_real("eta", eta, low=0)
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError("eta applies to sampler='ddim' only; DDPM's noise is set by `variance`")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(
+            "eta applies to sampler='ddim' only; DDPM's noise is set by `variance`, and the ODE "
+            "solvers add none"
+        )
     shape = tuple(shape)
     if not shape or any(
         not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1 for d in shape
     ):
         raise ValueError(f"shape must be a non-empty tuple of positive ints (B, ...), got {shape}")
-    timesteps = timestep_sequence(schedule.T, steps)
+    timesteps = _spaced_timesteps(schedule, steps, spacing)
     guidance_scale = check_guidance_scale(guidance_scale, labels)
     if labels is not None:
         labels = check_labels(labels, num_classes_of(model), shape[0])
@@ -240,6 +263,18 @@ def sample(
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
         model.eval()
+
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
+        if labels is None:
+            eps = model(x, t_batch)
+        else:
+            eps = guided_eps(model, x, t_batch, labels, guidance_scale)
+        if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:  # broadcasting hides it
+            got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+            raise ValueError(f"model output must have the shape of x_t {shape}, got {got}")
+        return eps.float()
+
     try:
         if labels is not None:
             labels = labels.to(device)
@@ -250,27 +285,33 @@ def sample(
         )
         record_at = set(np.linspace(0, len(timesteps) - 1, n_records).round().astype(int).tolist())
         recorded: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        previous = None  # DPM-Solver++(2M)'s memory: the last x_0 prediction and its abar
         loop = list(enumerate(reversed(timesteps)))
         for i, t in tqdm(loop, desc=f"{sampler} sampling", disable=not progress, leave=False):
             s = timesteps[len(timesteps) - 2 - i] if i < len(timesteps) - 1 else -1
             abar_t, abar_s = abar[t], (abar[s] if s >= 0 else 1.0)
-            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
-            if labels is None:
-                eps = model(x, t_batch)
-            else:
-                eps = guided_eps(model, x, t_batch, labels, guidance_scale)
-            if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:  # broadcasting hides it
-                got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
-                raise ValueError(f"model output must have the shape of x_t {shape}, got {got}")
-            eps = eps.float()
-            needs_noise = s >= 0 and (sampler == "ddpm" or eta > 0)
-            z = randn(shape, generator=generator, device=device) if needs_noise else None
+            eps = predict(x, t)
             if sampler == "ddpm":
+                z = randn(shape, generator=generator, device=device) if s >= 0 else None
                 x_next, x0 = ddpm_step(
                     x, eps, abar_t, abar_s, variance=variance, clip_x0=clip_x0, noise=z
                 )
-            else:
+            elif sampler == "ddim":
+                needs_noise = s >= 0 and eta > 0
+                z = randn(shape, generator=generator, device=device) if needs_noise else None
                 x_next, x0 = ddim_step(x, eps, abar_t, abar_s, eta=eta, clip_x0=clip_x0, noise=z)
+            elif sampler == "dpm++2m":
+                x0, _ = _predicted_x0(x, eps, abar_t, clip_x0)
+                last = i == len(timesteps) - 2 and lower_order_final(len(timesteps))
+                x_next = dpm_solver_2m_step(x, x0, abar_t, abar_s, None if last else previous)
+                previous = (x0, abar_t)
+            else:  # heun
+
+                def eps_at_s(x_s: torch.Tensor, s: int = s) -> torch.Tensor:
+                    return _predicted_x0(x_s, predict(x_s, s), abar[s], clip_x0)[1]
+
+                x0, eps = _predicted_x0(x, eps, abar_t, clip_x0)
+                x_next = heun_step(x, eps, abar_t, abar_s, eps_at_s)
             if i in record_at:
                 recorded.append((t, x.cpu(), x0.cpu()))
             x = x_next
@@ -291,6 +332,17 @@ def sample(
         x0_pred=torch.stack([r[2] for r in recorded]),  # K x (B, ...) -> (K, B, ...)
     )
     return x, trajectory
+
+
+def _spaced_timesteps(
+    schedule: NoiseSchedule, steps: int | Sequence[int] | None, spacing: str
+) -> list[int]:
+    """The sampler's timesteps: ``timestep_sequence``, or spaced in lambda for an int."""
+    if spacing == "uniform" or steps is None:
+        return timestep_sequence(schedule.T, steps)
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+        return lambda_spaced_timesteps(schedule, steps)
+    raise ValueError("spacing='lambda' spaces an int number of steps; a sequence is used as given")
 
 
 def _record_count(return_trajectory: bool | int, n_steps: int) -> int:

@@ -69,8 +69,7 @@ class Trainer:
     Args:
         config: the run's settings (validated here, before any work).
         resume: continue from the newest valid checkpoint in ``config.out``, if there is one.
-        overwrite: delete the run that ``config.out`` holds (its config, log, checkpoints and
-            sample grids) when training starts.
+        overwrite: on starting, delete the run in ``config.out`` (config, log, checkpoints, grids).
         progress: show a tqdm bar.
         log: where to print one-line messages (rank 0 only); None for silence.
     """
@@ -122,14 +121,15 @@ class Trainer:
         conditional run, so subclasses that override ``train_step(self, x0)`` keep working."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        noise = self.noise_generator
-        labels = drop_labels(labels, self.config.class_dropout, generator=noise)  # "no class"
+        cfg, noise = self.config, self.noise_generator
+        labels = drop_labels(labels, cfg.class_dropout, generator=noise)  # "no class"
         with autocast(self.device, self.amp_dtype):
-            loss = diffusion_loss(self.net, self.schedule, x0, generator=noise, labels=labels)
+            loss = diffusion_loss(self.net, self.schedule, x0, generator=noise, labels=labels,
+                                  min_snr_gamma=cfg.min_snr_gamma)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         # The step's one device sync: the loss to log and both NaN guards, pre-update.
         value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
@@ -201,8 +201,8 @@ class Trainer:
     def _finish(self, start_step: int, log: MetricsLog) -> dict:
         """The last checkpoint and sample grid, and the run's summary (or the stop's error)."""
         seconds = log.seconds()
-        on_disk = self._saved_step == self.step  # this step's checkpoint
-        final = self.folder.checkpoint(self.step) if on_disk else self.save()
+        # This step's checkpoint: the one on disk, or a new one.
+        final = self.folder.checkpoint(self.step) if self._saved_step == self.step else self.save()
         if self._stop.received is not None:
             raise self._stop.interrupted(self.step, final)
         grid = self.save_samples()

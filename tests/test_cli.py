@@ -163,6 +163,23 @@ def test_the_command_runs_torch_with_passive_openmp_threads(argv0, user_value, e
     assert out.stdout.strip() == str(expected)
 
 
+@pytest.mark.parametrize(
+    "first,expected",
+    [
+        ("import ipykernel", "PASSIVE"),  # a notebook: the book's chapters, Colab
+        ("import ipykernel, torch", None),  # torch loaded first: too late, left alone
+    ],
+)
+def test_a_notebook_runs_torch_with_passive_openmp_threads(first, expected):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = f"{first}; import ddpm_lib, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)
+
+
 # --- mistakes caught before any work, in this process (no subprocess start-up) -------------------
 
 
@@ -218,6 +235,8 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, moons_checkpoint, capsy
         (["--save-tensor", "no/such/folder/x.pt"], "save_tensor: the folder no/such/folder does"),
         (["--eta", "inf"], "eta must be a finite number"),
         (["--sampler", "euler"], "sampler must be one of"),
+        (["--spacing", "log"], "spacing must be one of"),
+        (["--sampler", "dpm++2m", "--eta", "0.5"], "eta applies to sampler='ddim' only"),
         (["--judge"], "judge applies to 8x8 digits only, but"),
     ],
 )
@@ -228,6 +247,16 @@ def test_sample_mistakes_are_refused_before_sampling(
     code, _, err = run_main(capsys, *args)
     assert code == 1 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra", [["--sampler", "dpm++2m"], ["--sampler", "heun", "--spacing", "uniform"]]
+)
+def test_sample_with_an_ode_solver(tmp_path, capsys, moons_checkpoint, extra):
+    out = tmp_path / "g.png"
+    args = ["sample", "--checkpoint", moons_checkpoint, "--n", "8", "--steps", "5", "--out", out]
+    code, _, err = run_main(capsys, *args, *extra)
+    assert code == 0 and out.stat().st_size > 0, err
 
 
 def test_a_missing_device_is_one_line(tmp_path, capsys, moons_checkpoint):

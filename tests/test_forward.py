@@ -90,6 +90,26 @@ def test_loss_matches_algorithm_1_written_out():
     assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
 
 
+def test_min_snr_weighting_matches_hang_et_al_written_out():
+    # Each item's squared error times min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t):
+    # 1 at the noisy steps (SNR <= gamma), gamma / SNR_t below 1 at the nearly clean ones.
+    g = torch.Generator().manual_seed(4)
+    model = torch.nn.Linear(2, 2)
+    x0 = torch.randn(64, 2, generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    abar = SCHEDULE.alphas_cumprod_float64[t]
+    snr = abar / (1 - abar)
+    weight = torch.minimum(snr, torch.tensor(5.0)) / snr
+    x_t = abar.sqrt()[:, None].float() * x0 + (1 - abar).sqrt()[:, None].float() * noise
+    by_hand = (((noise - model(x_t)) ** 2).mean(dim=1) * weight.float()).mean()
+    ours = diffusion_loss(lambda x, _: model(x), SCHEDULE, x0, t, noise, min_snr_gamma=5.0)
+    assert torch.allclose(ours, by_hand, rtol=1e-5)
+    assert (weight[t > 300] == 1).all() and (weight[t < 20] < 0.1).all()  # where it matters
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        diffusion_loss(lambda x, _: model(x), SCHEDULE, x0, t, noise, min_snr_gamma=0.0)
+
+
 def test_loss_draws_uniform_steps_and_standard_noise():
     seen = []
 
