@@ -171,6 +171,10 @@ def mixture_benchmark(n: int, seeds: int) -> dict:
     )
 
 
+def milliseconds(ms: float) -> str:
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.2g}"
+
+
 def markdown_table(result: dict, title: str) -> str:
     digits = 1 if result["floor"] > 1 else 3  # decimals worth printing
     header = "| Sampler | " + " | ".join(f"{s} steps" for s in STEPS) + " | within 10 % from |"
@@ -184,7 +188,7 @@ def markdown_table(result: dict, title: str) -> str:
     for name, row in result["table"].items():
         cells = (
             f"{row[str(s)]['score']:.{digits}f} ± {row[str(s)]['spread']:.{digits}f} "
-            f"({row[str(s)]['ms_per_sample']:.2g})"
+            f"({milliseconds(row[str(s)]['ms_per_sample'])})"
             if str(s) in row
             else ""
             for s in STEPS
