@@ -4,7 +4,8 @@ Each cell runs the digits U-Net's training step (``default_config("digits")``, b
 fresh process, with torch's default OpenMP threads (one per core) and the wait policy either left
 to the OpenMP runtime or set to PASSIVE (what ``ddpm`` and the book's notebooks now do). "Busy"
 starts one process per core but one that spins on a core, as a second job on a shared machine
-would. The table gives the median time of a step over ``--steps`` steps (after two warm-up steps).
+would. The table gives the median time of a step over ``--steps`` steps (after two warm-up
+steps), and in brackets its ratio to the default.
 
     python benchmarks/omp_policy.py --steps 10
 """
@@ -44,10 +45,23 @@ def spin(stop_at: float) -> None:
         pass
 
 
-def run(policy: str | None, busy: bool, steps: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+# What the OpenMP runtime is told: nothing (torch's default), passive waiting, libgomp's default
+# spinning cut short (GOMP_SPINCOUNT: how long a thread spins before it sleeps), or one thread.
+SETTINGS = {
+    "default": {},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "one thread": {"OMP_NUM_THREADS": "1"},
+}
+
+
+def run(setting: str, busy: bool, steps: int) -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+    }
+    env.update(SETTINGS[setting])
     spinners = []
     if busy:  # the other job: every core but one spins for as long as the measurement runs
         stop_at = time.time() + 3600
@@ -73,24 +87,26 @@ def main() -> None:
     args = parser.parse_args()
     cells = {}
     for busy in (False, True):
-        for policy in (None, "PASSIVE"):
-            key = f"{'busy' if busy else 'quiet'}, {policy or 'default'}"
-            cells[key] = run(policy, busy, args.steps)
+        for setting in SETTINGS:
+            key = f"{'busy' if busy else 'quiet'}, {setting}"
+            cells[key] = run(setting, busy, args.steps)
             print(key, f"{cells[key]['median_s'] * 1000:.0f} ms per step", flush=True)
     lines = [
-        "| CPU | OpenMP default: ms per step | PASSIVE: ms per step | default / PASSIVE |",
-        "|---|---|---|---|",
+        "| CPU | " + " | ".join(f"{s}: ms per step" for s in SETTINGS) + " |",
+        "|---" * (len(SETTINGS) + 1) + "|",
     ]
     for load in ("quiet", "busy"):
-        default, passive = cells[f"{load}, default"], cells[f"{load}, PASSIVE"]
-        ratio = default["median_s"] / passive["median_s"]
-        lines.append(
-            f"| {load} | {default['median_s'] * 1000:.0f} | {passive['median_s'] * 1000:.0f} "
-            f"| {ratio:.2f} |"
-        )
+        default = cells[f"{load}, default"]["median_s"]
+        row = [
+            f"{cells[f'{load}, {s}']['median_s'] * 1000:.0f}"
+            + ("" if s == "default" else f" ({cells[f'{load}, {s}']['median_s'] / default:.2f}x)")
+            for s in SETTINGS
+        ]
+        lines.append(f"| {load} | " + " | ".join(row) + " |")
     threads = cells["quiet, default"]["threads"]
     text = "\n".join(lines) + (
-        f"\n\nDigits U-Net training step, batch 128, {threads} torch thread(s) on "
+        f"\n\nDigits U-Net training step, batch 128, {threads} torch thread(s) (but one in the "
+        f"last column) on "
         f"{os.cpu_count()} cores; median of {args.steps} steps; busy: "
         f"{max(1, (os.cpu_count() or 2) - 1)} other process(es) spinning."
     )

@@ -192,7 +192,7 @@ def main() -> None:
             )
             print(name, json.dumps(runs[name][-1]), flush=True)
     rows = {name: summarise(r) for name, r in runs.items()}
-    text = table(rows, floor, args)
+    text = table(rows, floor, min(args.n, len(test)), args)
     print("\n" + text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "peers_quality.json").write_text(
@@ -214,7 +214,7 @@ def summarise(runs: list[dict]) -> dict:
     return row
 
 
-def table(rows: dict, floor: float, args) -> str:
+def table(rows: dict, floor: float, floor_n: int, args) -> str:
     peer = "diffusers" if "diffusers" in rows else next(iter(rows))
     lines = [
         f"| library | parameters | steps in {args.minutes:g} min | Frechet distance "
@@ -231,7 +231,7 @@ def table(rows: dict, floor: float, args) -> str:
     return "\n".join(lines) + (
         f"\n\nMean over {args.seeds} seed(s) ± half the range between them; {args.n} samples per "
         f"seed, 1000-step DDPM from the same noise; {torch.get_num_threads()} torch thread(s); "
-        f"floor: {args.n} real test digits."
+        f"floor: {floor_n} real test digits."
     )
 
 
