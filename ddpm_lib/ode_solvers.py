@@ -15,7 +15,7 @@ reuses the previous step's x_0 prediction to make the rest second order at one n
 step.
 
 All coefficients are computed in float64 from alphas_cumprod; the states stay in the caller's
-dtype. Explained in chapter 6 (sampling).
+dtype. Explained in chapter 7 (evaluation), section 7.7.
 """
 
 from __future__ import annotations

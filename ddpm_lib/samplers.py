@@ -190,14 +190,14 @@ def sample(
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
     """Generate data from pure noise: Algorithm 2 (``sampler="ddpm"``), DDIM, or an ODE solver.
 
-    Explained in chapter 6; ``labels`` and ``guidance_scale`` in chapter 9. "dpm++2m"
-    (DPM-Solver++(2M)) and "heun" solve the probability-flow ODE that DDIM's deterministic steps
-    solve with Euler's method (``ddpm_lib.ode_solvers``): both are second order; DPM-Solver++(2M)
-    calls the network once per step, Heun twice (2 steps - 1 calls in all). With labels, every
-    step uses the classifier-free guided noise eps_uncond + w (eps_cond - eps_uncond) (see
-    ``ddpm_lib.guidance.guided_eps``): w = 0 ignores the labels, w = 1 is plain conditional
-    sampling, w > 1 guides harder. Ho & Salimans write (1 + w') eps_cond - w' eps_uncond, the
-    same mix with w' = w - 1.
+    Explained in chapter 6, the ODE solvers in chapter 7; ``labels`` and ``guidance_scale`` in
+    chapter 9. "dpm++2m" (DPM-Solver++(2M)) and "heun" solve the probability-flow ODE that DDIM's
+    deterministic steps solve with Euler's method (``ddpm_lib.ode_solvers``): both are second
+    order; DPM-Solver++(2M) calls the network once per step, Heun twice (2 steps - 1 calls in
+    all). With labels, every step uses the classifier-free guided noise eps_uncond + w
+    (eps_cond - eps_uncond) (see ``ddpm_lib.guidance.guided_eps``): w = 0 ignores the labels,
+    w = 1 is plain conditional sampling, w > 1 guides harder. Ho & Salimans write (1 + w')
+    eps_cond - w' eps_uncond, the same mix with w' = w - 1.
 
     Args:
         model: noise predictor called as ``model(x_t, t)``; put in eval mode while sampling.
