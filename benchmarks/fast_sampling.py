@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from results_files import write_results
 
 from ddpm_lib import lambda_spaced_timesteps, sample
 from ddpm_lib.profiles import digits_run, profile
 
-RESULTS = Path(__file__).parent / "results"
 N = 500
 
 
@@ -90,9 +88,7 @@ def main() -> None:
         "the cpu profile's digits U-Net (0.76 M weights)."
     )
     print("\n" + text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fast_sampling.json").write_text(json.dumps(seconds, indent=1) + "\n")
-    (RESULTS / "fast_sampling.md").write_text(text + "\n")
+    write_results("fast_sampling", seconds, text)
 
 
 if __name__ == "__main__":

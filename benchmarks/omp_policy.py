@@ -20,9 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from results_files import write_results
 
 STEP_TIMES = """
 import json, time, torch
@@ -111,9 +110,7 @@ def main() -> None:
         f"{max(1, (os.cpu_count() or 2) - 1)} other process(es) spinning."
     )
     print("\n" + text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "omp_policy.json").write_text(json.dumps(cells, indent=1) + "\n")
-    (RESULTS / "omp_policy.md").write_text(text + "\n")
+    write_results("omp_policy", cells, text)
 
 
 if __name__ == "__main__":

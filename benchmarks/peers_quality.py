@@ -28,15 +28,17 @@ over seeds and, after the ±, half the range between the seeds.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import functools
 import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_files import write_results
 from train_throughput import DiffusersAsEps  # benchmarks/ is on the path when run as a script
 
 from ddpm_lib import (
@@ -50,10 +52,10 @@ from ddpm_lib import (
     sample,
 )
 from ddpm_lib.classifier import digits_features
+from ddpm_lib.config import DIGITS_UNET
 from ddpm_lib.metrics import frechet_distance
 
 BATCH = 128
-RESULTS = Path(__file__).parent / "results"
 
 
 def batches(images: torch.Tensor, seed: int):
@@ -147,6 +149,23 @@ CONTENDERS = {
     "diffusers": train_diffusers,
     "lucidrains": train_lucidrains,
 }
+
+
+def contender(name: str):
+    """A trainer by name; ``ddpm_lib:key=value,...`` is ddpm_lib's recipe with ``TrainConfig``
+    fields (or keys of the digits U-Net) changed, e.g. ``ddpm_lib:lr=1e-3,base_channels=48``."""
+    if name in CONTENDERS:
+        return CONTENDERS[name]
+    base, _, changes = name.partition(":")
+    if base != "ddpm_lib" or not changes:
+        raise SystemExit(f"contender {name!r}: one of {list(CONTENDERS)} or ddpm_lib:key=value,...")
+    recipe, model_config = {}, {}
+    for change in changes.split(","):
+        key, _, value = change.partition("=")
+        (model_config if key in DIGITS_UNET else recipe)[key] = ast.literal_eval(value)
+    return functools.partial(train_ours, model_config=model_config, **recipe)
+
+
 SCORES = ("frechet", "clear_share", "steps", "train_seconds", "sample_seconds")
 
 
@@ -158,9 +177,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument(
         "--contenders", nargs="+", default=["ddpm_lib", "ddpm_lib-minsnr", "diffusers"],
-        choices=list(CONTENDERS), help="recipes to train",
+        help=f"recipes to train: {', '.join(CONTENDERS)} or ddpm_lib:key=value,... (see contender)",
     )  # fmt: skip
+    parser.add_argument("--out", default="peers_quality", help="results file name, no suffix")
     args = parser.parse_args()
+    trainers = {name: contender(name) for name in args.contenders}  # bad names fail before work
     if args.threads:
         torch.set_num_threads(args.threads)
     train = load_dataset("digits", split="train").tensors[0]  # (1437, 1, 8, 8) in [-1, 1]
@@ -172,7 +193,7 @@ def main() -> None:
     runs = {name: [] for name in args.contenders}
     for seed in range(args.seeds):
         for name in args.contenders:
-            model, steps, seconds = CONTENDERS[name](train, args.minutes, seed)
+            model, steps, seconds = trainers[name](train, args.minutes, seed)
             start = time.perf_counter()
             with torch.no_grad():
                 x = sample(
@@ -194,14 +215,8 @@ def main() -> None:
     rows = {name: summarise(r) for name, r in runs.items()}
     text = table(rows, floor, min(args.n, len(test)), args)
     print("\n" + text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peers_quality.json").write_text(
-        json.dumps(
-            dict(runs=runs, rows=rows, floor=floor, minutes=args.minutes, n=args.n), indent=1
-        )
-        + "\n"
-    )
-    (RESULTS / "peers_quality.md").write_text(text + "\n")
+    results = dict(runs=runs, rows=rows, floor=floor, minutes=args.minutes, n=args.n)
+    write_results(args.out, results, text)
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -30,9 +30,9 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from results_files import RESULTS, write_results
 
 from ddpm_lib import (
     GaussianMixture,
@@ -62,7 +62,6 @@ SAMPLERS = {
 }
 STEPS = ALL
 REFERENCE = ("DDPM, small variance", 1000)  # the sampler of Ho et al.: the quality to match
-RESULTS = Path(__file__).parent / "results"
 
 
 @contextlib.contextmanager
@@ -225,7 +224,7 @@ def main() -> None:
     results = {
         "digits": digits_benchmark(p, args.digits, args.seeds),
         "ring": mixture_benchmark(args.points, args.seeds),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {p.device}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {p.device}",
         "profile": p.name,
         "seeds": args.seeds,
     }
@@ -245,9 +244,7 @@ def write_tables(results: dict) -> None:
     )
     print("\n" + text)
     if results["profile"] != "smoke":  # smoke runs are checks of the script, not results
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "samplers.json").write_text(json.dumps(results, indent=1) + "\n")
-        (RESULTS / "samplers.md").write_text(text + "\n")
+        write_results("samplers", results, text)
         print(f"written to {RESULTS}/samplers.json and samplers.md")
 
 

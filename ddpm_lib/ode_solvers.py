@@ -145,7 +145,7 @@ def heun_step(
     Returns:
         x_s.
     """
-    sigma_t, sigma_s = noise_to_signal(abar_t), noise_to_signal(min(abar_s, 1.0))
+    sigma_t, sigma_s = noise_to_signal(abar_t), noise_to_signal(abar_s)
     y_t = x_t / math.sqrt(abar_t)
     y_euler = y_t + (sigma_s - sigma_t) * eps
     if abar_s >= 1.0:

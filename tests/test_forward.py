@@ -73,12 +73,17 @@ def test_loss_is_zero_for_a_model_that_predicts_the_true_noise():
     assert diffusion_loss(knows_x0, SCHEDULE, x0, t, noise).item() < 1e-6
 
 
-def test_loss_matches_algorithm_1_written_out():
-    g = torch.Generator().manual_seed(3)
+def linear_model_and_batch(seed: int, n: int):
+    """A small trainable model and a batch (x_0, t, noise) for checking the loss by hand."""
+    g = torch.Generator().manual_seed(seed)
     model = torch.nn.Linear(2, 2)
-    x0 = torch.randn(16, 2, generator=g)
-    t = torch.randint(0, 1000, (16,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
+    x0 = torch.randn(n, 2, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    return model, x0, t, torch.randn(x0.shape, generator=g)
+
+
+def test_loss_matches_algorithm_1_written_out():
+    model, x0, t, noise = linear_model_and_batch(seed=3, n=16)
     abar = SCHEDULE.alphas_cumprod[t][:, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     by_hand = ((noise - model(x_t)) ** 2).mean()
@@ -93,11 +98,7 @@ def test_loss_matches_algorithm_1_written_out():
 def test_min_snr_weighting_matches_hang_et_al_written_out():
     # Each item's squared error times min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t):
     # 1 at the noisy steps (SNR <= gamma), gamma / SNR_t below 1 at the nearly clean ones.
-    g = torch.Generator().manual_seed(4)
-    model = torch.nn.Linear(2, 2)
-    x0 = torch.randn(64, 2, generator=g)
-    t = torch.randint(0, 1000, (64,), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
+    model, x0, t, noise = linear_model_and_batch(seed=4, n=64)
     abar = SCHEDULE.alphas_cumprod_float64[t]
     snr = abar / (1 - abar)
     weight = torch.minimum(snr, torch.tensor(5.0)) / snr
