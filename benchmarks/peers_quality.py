@@ -23,6 +23,8 @@ over seeds and, after the ±, half the range between the seeds.
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/peers_quality.py --minutes 10 --seeds 2 --n 500 --threads 1
+    python benchmarks/peers_quality.py --minutes 5 --contenders ddpm_lib "ddpm_lib:lr=1e-3" \
+        "ddpm_lib:attention_resolutions=()" --out recipe_trial  # recipes: see contender()
 """
 
 from __future__ import annotations
