@@ -164,7 +164,11 @@ def contender(name: str):
     recipe, model_config = {}, {}
     for change in changes.split(","):
         key, _, value = change.partition("=")
-        (model_config if key in DIGITS_UNET else recipe)[key] = ast.literal_eval(value)
+        try:
+            (model_config if key in DIGITS_UNET else recipe)[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"contender {name!r}: {change!r} is not key=<literal>") from None
+    default_config("digits", model_config=model_config, **recipe)  # unknown keys fail here
     return functools.partial(train_ours, model_config=model_config, **recipe)
 
 
