@@ -112,6 +112,13 @@ class TrainConfig:
         high=1e6,
         low_open=True,
     )
+    p2_gamma: float | None = _option(
+        None,
+        "weight each step's loss by 1 / (1 + SNR)^gamma (Choi et al.'s P2 weighting, k = 1), "
+        "gamma in {range}; unset: Ho et al.'s L_simple; not with min_snr_gamma",
+        low=0,
+        high=1e6,
+    )
     ema_decay: float = _option(
         0.999, "decay of the exponential moving average of the weights, in {range}", **DECAY_RANGE
     )
@@ -175,6 +182,8 @@ class TrainConfig:
             )
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out must be a folder, but {self.out} is a file")
+        if self.min_snr_gamma is not None and self.p2_gamma is not None:
+            raise ValueError("min_snr_gamma and p2_gamma are two weightings of the loss: set one")
         if self.conditional:
             self.num_classes()  # refuses a data set without labels
         return self

@@ -211,6 +211,7 @@ def diffusion_loss(
     reduction: str = "mean",
     labels: torch.Tensor | None = None,
     min_snr_gamma: float | None = None,
+    p2_gamma: float | None = None,
 ) -> torch.Tensor:
     """Ho et al.'s Algorithm 1: the simple loss || eps - eps_theta(x_t, t) ||^2.
 
@@ -232,10 +233,17 @@ def diffusion_loss(
         min_snr_gamma: None for L_simple; gamma > 0 weights each item by min(SNR_t, gamma) / SNR_t
             (Hang et al. 2023, "min-SNR-gamma", for eps-prediction): the nearly clean steps, whose
             noise is hard to see and easy to overfit, count less; steps with SNR <= gamma keep 1.
+        p2_gamma: None for L_simple; gamma >= 0 weights each item by 1 / (1 + SNR_t)^gamma
+            (Choi et al. 2022, "P2" with k = 1): a smooth fall from 1 at pure noise towards 0 at
+            the clean end, where min-SNR-gamma cuts off at a threshold. Not with min_snr_gamma.
     """
     x0 = check_batch("x0", x0)
     if min_snr_gamma is not None:
         min_snr_gamma = check_real("min_snr_gamma", min_snr_gamma, low=0, low_open=True)
+    if p2_gamma is not None:
+        p2_gamma = check_real("p2_gamma", p2_gamma, low=0)
+        if min_snr_gamma is not None:
+            raise ValueError("give min_snr_gamma or p2_gamma, not both: each is a whole weighting")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if t is None:  # drawn in range: no need for check_timesteps' device syncs every step
@@ -253,4 +261,7 @@ def diffusion_loss(
     if min_snr_gamma is not None:
         snr = schedule.signal_to_noise.to(t.device)[t]
         per_item = per_item * snr.clamp(max=min_snr_gamma) / snr
+    if p2_gamma is not None:
+        snr = schedule.signal_to_noise.to(t.device)[t]
+        per_item = per_item / (1 + snr) ** p2_gamma
     return per_item.mean() if reduction == "mean" else per_item

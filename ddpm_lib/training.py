@@ -116,6 +116,15 @@ class Trainer:
         # What the training step calls: under DDP and/or torch.compile, the same weights.
         self.net = wrap_for_training(model, self.device, self.world_size, cfg.compile)
 
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The objective on one batch: Algorithm 1's loss, weighted as configured. A subclass
+        that trains another objective (another parameterisation, say) overrides this method and
+        keeps the step around it: mixed precision, clipping, EMA, NaN guards."""
+        cfg = self.config
+        return diffusion_loss(self.net, self.schedule, x0, generator=self.noise_generator,
+                              labels=labels, min_snr_gamma=cfg.min_snr_gamma,
+                              p2_gamma=cfg.p2_gamma)  # fmt: skip
+
     def train_step(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """One step of Algorithm 1; returns the loss. ``train()`` passes labels only for a
         conditional run, so subclasses that override ``train_step(self, x0)`` keep working."""
@@ -124,8 +133,7 @@ class Trainer:
         cfg, noise = self.config, self.noise_generator
         labels = drop_labels(labels, cfg.class_dropout, generator=noise)  # "no class"
         with autocast(self.device, self.amp_dtype):
-            loss = diffusion_loss(self.net, self.schedule, x0, generator=noise, labels=labels,
-                                  min_snr_gamma=cfg.min_snr_gamma)  # fmt: skip
+            loss = self.loss(x0, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)

@@ -111,6 +111,25 @@ def test_min_snr_weighting_matches_hang_et_al_written_out():
         diffusion_loss(lambda x, _: model(x), SCHEDULE, x0, t, noise, min_snr_gamma=0.0)
 
 
+def test_p2_weighting_matches_choi_et_al_written_out():
+    # Each item's squared error times 1 / (k + SNR_t)^gamma with k = 1: near 1 at pure noise,
+    # about 1 / SNR_t^gamma at the clean end; gamma = 0 is L_simple itself.
+    model, x0, t, noise = linear_model_and_batch(seed=5, n=64)
+    abar = SCHEDULE.alphas_cumprod_float64[t]
+    weight = (1 - abar) ** 0.5  # 1 / (1 + SNR)^(1/2), as 1 + SNR = 1 / (1 - abar)
+    x_t = abar.sqrt()[:, None].float() * x0 + (1 - abar).sqrt()[:, None].float() * noise
+    squared_error = ((noise - model(x_t)) ** 2).mean(dim=1)
+    by_hand = (squared_error * weight.float()).mean()
+    ours = diffusion_loss(lambda x, _: model(x), SCHEDULE, x0, t, noise, p2_gamma=0.5)
+    assert torch.allclose(ours, by_hand, rtol=1e-5)
+    plain = diffusion_loss(lambda x, _: model(x), SCHEDULE, x0, t, noise, p2_gamma=0.0)
+    assert torch.allclose(plain, squared_error.mean(), rtol=1e-6)
+    assert (weight[t > 700] > 0.95).all() and (weight[t < 20] < 0.1).all()
+    for bad in (dict(p2_gamma=-1.0), dict(p2_gamma=1.0, min_snr_gamma=5.0)):
+        with pytest.raises(ValueError, match="p2_gamma"):
+            diffusion_loss(lambda x, _: model(x), SCHEDULE, x0, t, noise, **bad)
+
+
 def test_loss_draws_uniform_steps_and_standard_noise():
     seen = []
 

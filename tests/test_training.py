@@ -377,3 +377,24 @@ def test_an_allocator_refusal_is_the_same_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^model_config: the mlp network does not fit") as info:
         quiet_trainer(default_config("moons", out=str(tmp_path)))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("weighting", [{}, {"min_snr_gamma": 5.0}, {"p2_gamma": 1.0}])
+def test_the_trainer_loss_is_the_configured_weighting_of_algorithm_1(tmp_path, weighting):
+    from ddpm_lib.diffusion import diffusion_loss
+
+    config = default_config("moons", steps=1, out=str(tmp_path), **weighting)
+    trainer = quiet_trainer(config)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    generator_state = trainer.noise_generator.get_state()
+    ours = trainer.loss(x0, None)
+    again = torch.Generator().set_state(generator_state)  # the same t and noise
+    expected = diffusion_loss(trainer.model, trainer.schedule, x0, generator=again, **weighting)
+    assert torch.allclose(ours, expected)
+
+
+def test_the_two_loss_weightings_are_refused_together():
+    with pytest.raises(ValueError, match="min_snr_gamma and p2_gamma"):
+        default_config("moons", min_snr_gamma=5.0, p2_gamma=1.0).validate()
+    with pytest.raises(ValueError, match=r"p2_gamma must be .*\[0, 1e\+06\]"):
+        default_config("moons", p2_gamma=-1.0).validate()
