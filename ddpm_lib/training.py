@@ -105,7 +105,7 @@ class Trainer:
         # fp16 needs loss scaling to keep small gradients from underflowing; bf16 does not.
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        seed = cfg.seed * 7919 + 1 + self.rank
+        seed = cfg.seed * 7919 + 1 + self.rank  # apart from the weights' and the data's seeds
         self.noise_generator = torch.Generator(self.device).manual_seed(seed)
         self.step, self.resumed_from, self._saved_step, self._stop = 0, None, None, StopSignals()
         if resume and (found := self.folder.checkpoint_to_resume()) is not None:
@@ -180,8 +180,7 @@ class Trainer:
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save()
                     if cfg.max_minutes and log.seconds() > 60 * cfg.max_minutes:
-                        self.say(f"time limit of {cfg.max_minutes} minutes reached at step "
-                                 f"{self.step}")  # fmt: skip
+                        self.say(f"max_minutes={cfg.max_minutes} reached at step {self.step}")
                         break
             return self._finish(start_step, log)
 
@@ -189,12 +188,10 @@ class Trainer:
         """Prepare the run folder, say what trains where, open the metrics log."""
         cfg = self.config
         self.folder.start()
-        self.say(
-            f"training {self.model_name} ({count_parameters(self.model) / 1e6:.2f} M parameters) "
-            f"on {cfg.data} ({len(self.dataset)} examples), device {self.device}, "
-            f"amp {self.amp_dtype or 'off'}, {self.world_size} process(es), "
-            f"steps {self.step} -> {cfg.steps}"
-        )
+        self.say(f"training {self.model_name} ({count_parameters(self.model) / 1e6:.2f} M "
+                 f"parameters) on {cfg.data} ({len(self.dataset)} examples), device {self.device}, "
+                 f"amp {self.amp_dtype or 'off'}, {self.world_size} process(es), "
+                 f"steps {self.step} -> {cfg.steps}")  # fmt: skip
         images_per_step = min(cfg.batch_size, len(self.dataset))  # a small set is one batch
         return MetricsLog(self.folder.metrics_log, step=self.step, total=cfg.steps, say=self.say,
                           images_per_step=images_per_step, progress=self.progress)  # fmt: skip
@@ -239,12 +236,7 @@ class Trainer:
                 "rng": rng_state(self.noise_generator), "world_size": self.world_size}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        same_config = as_json(state["model_config"]) == as_json(self.model_config)
-        if state["model_name"] != self.model_name or not same_config:
-            raise CheckpointError(
-                f"checkpoint network {state['model_name']} {state['model_config']} differs from "
-                f"the configured {self.model_name} {self.model_config}"
-            )
+        _check_same_network(state, self.model_name, self.model_config)
         for name, part in self._stateful().items():
             if state[name] or name != "scaler":  # no scaler state from a run without fp16
                 part.load_state_dict(state[name])
@@ -274,6 +266,15 @@ def _check_finite_weights(model: torch.nn.Module, step: int) -> None:
             raise NonFiniteLossError(
                 f"step {step}: weight {name} holds NaN or Inf; no checkpoint was written"
             )
+
+
+def _check_same_network(state: dict, model_name: str, model_config: dict) -> None:
+    same_config = as_json(state["model_config"]) == as_json(model_config)
+    if state["model_name"] != model_name or not same_config:
+        raise CheckpointError(
+            f"checkpoint network {state['model_name']} {state['model_config']} differs from "
+            f"the configured {model_name} {model_config}"
+        )
 
 
 def _check_run_options(cfg: TrainConfig, resume: bool, overwrite: bool, world_size: int) -> None:
