@@ -6,8 +6,9 @@ wall-clock budget on the same machine, one after the other, each with its own li
 
 - ddpm_lib: ``Trainer`` with ``default_config("digits")`` (AdamW lr 2e-3, 200 warm-up steps,
   gradient clipping, EMA 0.999, batch 128, L_simple); ``ddpm_lib-minsnr`` is the same with the
-  loss weighted by min(SNR, 5) / SNR (Hang et al. 2023); ``ddpm_lib-v`` trains the same
-  network to predict v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022);
+  loss weighted by min(SNR, 5) / SNR (Hang et al. 2023); ``ddpm_lib-v`` and ``ddpm_lib-x0``
+  train the same network to predict v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho
+  2022) or x_0 itself;
 - diffusers: the recipe of its ``train_unconditional`` example (DDPMScheduler with the linear
   schedule, AdamW lr 1e-4 with betas (0.95, 0.999) and weight decay 1e-6, 500 warm-up steps,
   EMAModel with power 3/4, batch 128);
@@ -70,49 +71,61 @@ def batches(images: torch.Tensor, seed: int):
                 yield images[idx]
 
 
-def train_ours(images: torch.Tensor, minutes: float, seed: int, trainer_class=Trainer, **recipe):
+def train_ours(images: torch.Tensor, minutes: float, seed: int, target: str = "eps", **recipe):
     with tempfile.TemporaryDirectory() as out:
         config = default_config(
             "digits", steps=10**9, max_minutes=minutes, out=out, sample_every=0,
             checkpoint_every=0, log_every=10**9, seed=seed, **recipe,
         )  # fmt: skip
-        trainer = trainer_class(config, progress=False, log=None)
+        if target == "eps":
+            trainer = Trainer(config, progress=False, log=None)
+        else:
+            trainer = OtherTargetTrainer(config, target, progress=False, log=None)
         summary = trainer.train()
         model, schedule = model_from_checkpoint(trainer.state_dict(), use_ema=True)
-    if trainer_class is VPredictionTrainer:
-        model = NoiseFromV(model, schedule)
+    if target != "eps":
+        model = AsNoisePredictor(model, schedule, target)
     return model.eval(), summary["steps"], summary["seconds"]
 
 
-class NoiseFromV(torch.nn.Module):
-    """A v-predicting network seen as a noise predictor, so that the samplers use it unchanged:
-    with x_t = a x_0 + s eps (a = sqrt(abar_t), s = sqrt(1 - abar_t)) and v = a eps - s x_0
-    (Salimans & Ho 2022), eps = a v + s x_t."""
+class AsNoisePredictor(torch.nn.Module):
+    """A network trained to predict v or x_0, seen as a noise predictor so that the samplers use
+    it unchanged. With x_t = a x_0 + s eps (a = sqrt(abar_t), s = sqrt(1 - abar_t)):
+    v = a eps - s x_0 (Salimans & Ho 2022) gives eps = a v + s x_t, and x_0 gives
+    eps = (x_t - a x_0) / s."""
 
-    def __init__(self, network: torch.nn.Module, schedule: NoiseSchedule) -> None:
+    def __init__(self, network: torch.nn.Module, schedule: NoiseSchedule, target: str) -> None:
         super().__init__()
-        self.network = network
+        self.network, self.target = network, target
         self.register_buffer("a", schedule.alphas_cumprod.sqrt())
         self.register_buffer("s", (1 - schedule.alphas_cumprod).sqrt())
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         per_item = (-1,) + (1,) * (x_t.dim() - 1)
-        v = self.network(x_t, t)
-        return self.a[t].view(per_item) * v + self.s[t].view(per_item) * x_t
+        a, s = self.a[t].view(per_item), self.s[t].view(per_item)
+        prediction = self.network(x_t, t)
+        return a * prediction + s * x_t if self.target == "v" else (x_t - a * prediction) / s
 
 
-class VPredictionTrainer(Trainer):
-    """ddpm_lib's recipe with the network trained to predict v instead of eps: the loss is
-    || v - v_theta(x_t, t) ||^2, which is || eps - eps_theta ||^2 / abar_t for the noise
-    predictor NoiseFromV makes of it: the noisy steps count more than in L_simple."""
+class OtherTargetTrainer(Trainer):
+    """ddpm_lib's recipe with the network trained to predict v or x_0 instead of eps. Seen
+    through AsNoisePredictor, the loss || v - v_theta ||^2 is || eps - eps_theta ||^2 / abar_t
+    and || x_0 - x0_theta ||^2 is || eps - eps_theta ||^2 / SNR_t: both count the noisy steps
+    more than L_simple does, x_0 far more."""
+
+    def __init__(self, config, target: str, **options) -> None:
+        if target not in ("v", "x0"):
+            raise ValueError(f"target must be 'v' or 'x0', got {target!r}")
+        super().__init__(config, **options)
+        self.target = target
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         t = torch.randint(self.schedule.T, (x0.shape[0],), generator=self.noise_generator)
         noise = torch.randn(x0.shape, generator=self.noise_generator)
         abar = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
-        return F.mse_loss(self.net(x_t, t).float(), v)
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if self.target == "v" else x0
+        return F.mse_loss(self.net(x_t, t).float(), target)
 
 
 def train_ours_min_snr(images: torch.Tensor, minutes: float, seed: int):
@@ -182,7 +195,8 @@ def train_lucidrains(images: torch.Tensor, minutes: float, seed: int):
 CONTENDERS = {
     "ddpm_lib": train_ours,
     "ddpm_lib-minsnr": train_ours_min_snr,
-    "ddpm_lib-v": functools.partial(train_ours, trainer_class=VPredictionTrainer),
+    "ddpm_lib-v": functools.partial(train_ours, target="v"),
+    "ddpm_lib-x0": functools.partial(train_ours, target="x0"),
     "diffusers": train_diffusers,
     "lucidrains": train_lucidrains,
 }
