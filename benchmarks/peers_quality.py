@@ -57,6 +57,7 @@ from ddpm_lib import (
 )
 from ddpm_lib.classifier import digits_features
 from ddpm_lib.config import DIGITS_UNET
+from ddpm_lib.diffusion import eps_from_x0, q_sample
 from ddpm_lib.metrics import frechet_distance
 
 BATCH = 128
@@ -97,14 +98,16 @@ class AsNoisePredictor(torch.nn.Module):
     def __init__(self, network: torch.nn.Module, schedule: NoiseSchedule, target: str) -> None:
         super().__init__()
         self.network, self.target = network, target
-        self.register_buffer("a", schedule.alphas_cumprod.sqrt())
-        self.register_buffer("s", (1 - schedule.alphas_cumprod).sqrt())
+        self.register_buffer("a", schedule.sqrt_alphas_cumprod.clone())
+        self.register_buffer("s", schedule.sqrt_one_minus_alphas_cumprod.clone())
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         per_item = (-1,) + (1,) * (x_t.dim() - 1)
         a, s = self.a[t].view(per_item), self.s[t].view(per_item)
         prediction = self.network(x_t, t)
-        return a * prediction + s * x_t if self.target == "v" else (x_t - a * prediction) / s
+        if self.target == "v":
+            return a * prediction + s * x_t
+        return eps_from_x0(x_t, prediction, a, s)
 
 
 class OtherTargetTrainer(Trainer):
@@ -122,9 +125,13 @@ class OtherTargetTrainer(Trainer):
     def loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         t = torch.randint(self.schedule.T, (x0.shape[0],), generator=self.noise_generator)
         noise = torch.randn(x0.shape, generator=self.noise_generator)
-        abar = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if self.target == "v" else x0
+        x_t = q_sample(self.schedule, x0, t, noise)
+        if self.target == "v":
+            a = self.schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+            s = self.schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+            target = a * noise - s * x0
+        else:
+            target = x0
         return F.mse_loss(self.net(x_t, t).float(), target)
 
 
